@@ -1,0 +1,100 @@
+"""Hugging Face configuration classes of a converted FireRedASR-LLM repo.
+
+A composite config in the style of `Qwen2AudioConfig`: the Conformer encoder's
+settings in `encoder_config`, the Qwen2 decoder's in `text_config`, plus the
+adapter's downsample rate and the id of the `<speech>` token.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto import CONFIG_MAPPING
+
+from .spec import ENCODER_SUBSAMPLING, NUM_MEL_BINS, RELATIVE_POSITION_MAX_LEN
+
+MODEL_TYPE = "fireredasr_llm"
+ENCODER_MODEL_TYPE = "fireredasr_conformer"
+# The vLLM model class the plugin registers; written into `architectures`.
+ARCHITECTURE = "FireRedAsrLlmForConditionalGeneration"
+
+
+class FireRedAsrEncoderConfig(PretrainedConfig):
+    """The Conformer encoder (argument names as in the original's `asr_encoder.pth.tar` args)."""
+
+    model_type = ENCODER_MODEL_TYPE
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_head",
+    }
+
+    def __init__(
+        self,
+        idim: int = NUM_MEL_BINS,
+        n_layers: int = 16,
+        n_head: int = 20,
+        d_model: int = 1280,
+        kernel_size: int = 33,
+        subsampling_channels: int = 32,
+        subsampling_rate: int = ENCODER_SUBSAMPLING,
+        relative_position_max_len: int = RELATIVE_POSITION_MAX_LEN,
+        layer_norm_eps: float = 1e-5,
+        **kwargs,
+    ):
+        self.idim = idim
+        self.n_layers = n_layers
+        self.n_head = n_head
+        self.d_model = d_model
+        self.kernel_size = kernel_size
+        self.subsampling_channels = subsampling_channels
+        self.subsampling_rate = subsampling_rate
+        self.relative_position_max_len = relative_position_max_len
+        self.layer_norm_eps = layer_norm_eps
+        super().__init__(**kwargs)
+
+
+class FireRedAsrLlmConfig(PretrainedConfig):
+    """Conformer encoder + adapter + Qwen2 decoder."""
+
+    model_type = MODEL_TYPE
+    sub_configs = {"encoder_config": FireRedAsrEncoderConfig, "text_config": AutoConfig}
+
+    def __init__(
+        self,
+        encoder_config: dict | FireRedAsrEncoderConfig | None = None,
+        text_config: dict | PretrainedConfig | None = None,
+        encoder_downsample_rate: int = 2,
+        speech_token_id: int = 151646,
+        **kwargs,
+    ):
+        if isinstance(encoder_config, dict):
+            encoder_config = FireRedAsrEncoderConfig(**encoder_config)
+        elif encoder_config is None:
+            encoder_config = FireRedAsrEncoderConfig()
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            text_config = CONFIG_MAPPING[text_config.pop("model_type", "qwen2")](**text_config)
+        elif text_config is None:
+            text_config = CONFIG_MAPPING["qwen2"]()
+        self.encoder_config = encoder_config
+        self.text_config = text_config
+        self.encoder_downsample_rate = encoder_downsample_rate
+        self.speech_token_id = speech_token_id
+        super().__init__(**kwargs)
+
+    def get_text_config(self, *args, **kwargs) -> PretrainedConfig:
+        return self.text_config
+
+
+def register_with_transformers() -> None:
+    """Make `AutoConfig` and `AutoFeatureExtractor` resolve a converted repo (idempotent)."""
+    from transformers import AutoFeatureExtractor
+
+    from .feature_extraction import FireRedAsrFeatureExtractor
+
+    for model_type, config_class in (
+        (ENCODER_MODEL_TYPE, FireRedAsrEncoderConfig),
+        (MODEL_TYPE, FireRedAsrLlmConfig),
+    ):
+        AutoConfig.register(model_type, config_class, exist_ok=True)
+    AutoFeatureExtractor.register(FireRedAsrLlmConfig, FireRedAsrFeatureExtractor, exist_ok=True)
