@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 # --- audio front-end --------------------------------------------------------
 
@@ -32,6 +33,28 @@ ENCODER_INPUT_PADDING = 6
 # The relative position table always has max_len 5000 in the original: the
 # encoder constructor never passes `pe_maxlen` on.
 RELATIVE_POSITION_MAX_LEN = 5000
+
+
+def relative_position_table(d_model: int, max_len: int = RELATIVE_POSITION_MAX_LEN) -> torch.Tensor:
+    """The Conformer's relative sinusoidal position table, [1, 2 * max_len - 1, d_model] float32.
+
+    Row j encodes the relative distance r = max_len - 1 - j (from max_len - 1 down
+    to -(max_len - 1)): even columns sin(r * w_i), odd columns cos(r * w_i) with
+    w_i = 10000^(-2i / d_model). The checkpoints store it as the buffer
+    `encoder.positional_encoding.pe`; the arithmetic follows the original in float32
+    (including its float32 log(10000)) so the values match that buffer bit for bit.
+    """
+    if d_model % 2:
+        raise ValueError(f"the relative position table needs an even d_model, got {d_model}")
+    log_base = torch.log(torch.tensor(10000.0)).item()
+    inv_freq = torch.exp(torch.arange(0, d_model, 2).float() * -(log_base / d_model))
+    distance = torch.arange(max_len - 1, -max_len, -1).float().unsqueeze(1)
+    angles = distance * inv_freq
+    table = torch.empty(2 * max_len - 1, d_model)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles)
+    return table.unsqueeze(0)
+
 
 # --- prompt and special tokens ----------------------------------------------
 
