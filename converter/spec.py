@@ -46,11 +46,13 @@ def relative_position_table(d_model: int, max_len: int = RELATIVE_POSITION_MAX_L
     """
     if d_model % 2:
         raise ValueError(f"the relative position table needs an even d_model, got {d_model}")
-    log_base = torch.log(torch.tensor(10000.0)).item()
-    inv_freq = torch.exp(torch.arange(0, d_model, 2).float() * -(log_base / d_model))
-    distance = torch.arange(max_len - 1, -max_len, -1).float().unsqueeze(1)
+    # Explicit device and dtype: callers may run under a meta or bf16 default (vLLM's model init).
+    cpu32 = {"device": "cpu", "dtype": torch.float32}
+    log_base = torch.log(torch.tensor(10000.0, **cpu32)).item()
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, **cpu32) * -(log_base / d_model))
+    distance = torch.arange(max_len - 1, -max_len, -1, **cpu32).unsqueeze(1)
     angles = distance * inv_freq
-    table = torch.empty(2 * max_len - 1, d_model)
+    table = torch.empty(2 * max_len - 1, d_model, **cpu32)
     table[:, 0::2] = torch.sin(angles)
     table[:, 1::2] = torch.cos(angles)
     return table.unsqueeze(0)

@@ -1,0 +1,198 @@
+"""The Conformer encoder + adapter: checkpoint names, first-release lengths, masking, batch invariance."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from fireredasr_converter import spec
+from fireredasr_converter.configuration import FireRedAsrEncoderConfig, FireRedAsrLlmConfig
+from fireredasr_vllm.conformer import (
+    ConformerEncoder,
+    RelPositionMultiHeadAttention,
+    SpeechEncoder,
+    relative_shift,
+)
+
+ENCODER = dict(n_layers=2, n_head=4, d_model=64, kernel_size=33)
+LLM_HIDDEN = 128
+
+
+def randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-trivial values for every parameter (LayerNorm gains and biases too), the pe buffer kept."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            scale = 1.0 / math.sqrt(param.shape[-1])
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    return module.eval()
+
+
+@pytest.fixture(scope="module")
+def speech_encoder() -> SpeechEncoder:
+    config = FireRedAsrLlmConfig(
+        encoder_config=ENCODER, text_config={"model_type": "qwen2", "hidden_size": LLM_HIDDEN}
+    )
+    return randomise(SpeechEncoder(config), seed=0)
+
+
+def test_parameter_names_and_count_match_the_release_checkpoint():
+    # The release's `encoder.*` holds 551 tensors for 16 layers: 34 per block, 6 in
+    # the subsampling and the pe buffer. Small widths keep the model cheap.
+    encoder = ConformerEncoder(FireRedAsrEncoderConfig(n_layers=16, n_head=2, d_model=8))
+    state = encoder.state_dict()
+    assert len(state) == 551
+    assert state["positional_encoding.pe"].shape == (1, 2 * spec.RELATIVE_POSITION_MAX_LEN - 1, 8)
+    block = {k.removeprefix("layer_stack.15.") for k in state if k.startswith("layer_stack.15.")}
+    assert block == {
+        *(f"{ffn}.net.{i}.{p}" for ffn in ("ffn1", "ffn2") for i in (0, 1, 4) for p in ("weight", "bias")),
+        *(f"mhsa.{w}.weight" for w in ("w_qs", "w_ks", "w_vs", "fc", "linear_pos")),
+        *(f"mhsa.layer_norm_{x}.{p}" for x in "qkv" for p in ("weight", "bias")),
+        "mhsa.pos_bias_u",
+        "mhsa.pos_bias_v",
+        *(f"conv.{n}.{p}" for n in ("pre_layer_norm", "batch_norm") for p in ("weight", "bias")),
+        *(f"conv.{n}.weight" for n in ("pointwise_conv1", "depthwise_conv", "pointwise_conv2")),
+        "layer_norm.weight",
+        "layer_norm.bias",
+    }
+    assert state["layer_stack.0.conv.pointwise_conv1.weight"].shape == (32, 8, 1)
+    assert state["layer_stack.0.conv.depthwise_conv.weight"].shape == (16, 1, 33)
+    assert state["input_preprocessor.out.weight"].shape == (8, 32 * 19)
+
+
+def test_speech_encoder_keys_are_the_converted_names(speech_encoder):
+    keys = set(speech_encoder.state_dict())
+    assert {k for k in keys if not k.startswith("encoder.")} == {
+        f"encoder_projector.linear{i}.{p}" for i in (1, 2) for p in ("weight", "bias")
+    }
+    assert speech_encoder.state_dict()["encoder_projector.linear1.weight"].shape == (LLM_HIDDEN, 2 * 64)
+
+
+@pytest.mark.parametrize(("num_frames", "expected"), [(418, 52), (197, 25), (1235, 154)])
+def test_embedding_counts_from_the_facts_table(speech_encoder, num_frames, expected):
+    assert spec.speech_embedding_count(num_frames) == expected
+    features = torch.randn(1, num_frames, 80)
+    with torch.no_grad():
+        (embeddings,) = speech_encoder(features, torch.tensor([num_frames]))
+    assert embeddings.shape == (expected, LLM_HIDDEN)
+
+
+@pytest.mark.parametrize("num_frames", [1, 2, 3, 4, 5, 8, 9, 39, 40, 41, 42])
+def test_a_lone_clip_yields_exactly_ceil_t_over_4_encoder_frames(speech_encoder, num_frames):
+    features = torch.randn(1, num_frames, 80)
+    with torch.no_grad():
+        hidden, enc_lengths = speech_encoder.encoder(features, torch.tensor([num_frames]))
+    assert enc_lengths.tolist() == [math.ceil(num_frames / 4)] == [spec.encoder_frame_count(num_frames)]
+    assert hidden.shape == (1, math.ceil(num_frames / 4), 64)
+
+
+def test_relative_shift_puts_relative_position_i_minus_j_at_key_j():
+    length = 5
+    # Column c of the unshifted scores belongs to relative position length-1-c.
+    relative = (length - 1 - torch.arange(2 * length - 1)).float()
+    scores = relative.expand(2, 3, length, -1).clone()
+    i, j = torch.meshgrid(torch.arange(length), torch.arange(length), indexing="ij")
+    assert torch.equal(relative_shift(scores), (i - j).float().expand(2, 3, -1, -1))
+
+
+def test_attention_equals_the_explicit_transformer_xl_formula():
+    """Scores ((q + u) k + (q + v) p_{i-j}) / sqrt(d_k), softmax over unpadded keys."""
+    torch.manual_seed(0)
+    d_model, heads, length = 16, 2, 6
+    attention = randomise(RelPositionMultiHeadAttention(d_model, heads, eps=1e-5), seed=1)
+    table = spec.relative_position_table(d_model, max_len=10)[0]
+    x = torch.randn(2, length, d_model)
+    lengths = torch.tensor([length, 4])
+    key_bias = torch.zeros(2, 1, 1, length).masked_fill(
+        (torch.arange(length) >= lengths[:, None])[:, None, None, :], float("-inf")
+    )
+    pos_emb = table[10 - length : 10 - 1 + length]  # positions length-1 .. -(length-1)
+    with torch.no_grad():
+        ours = attention(x, pos_emb, key_bias)
+
+        d_k = d_model // heads
+        split = lambda t: t.view(*t.shape[:-1], heads, d_k)  # noqa: E731
+        q = split(attention.w_qs(attention.layer_norm_q(x)))
+        k = split(attention.w_ks(attention.layer_norm_k(x)))
+        v = split(attention.w_vs(attention.layer_norm_v(x)))
+        expected = torch.empty_like(x)
+        for b in range(2):
+            context = torch.zeros(length, heads, d_k)
+            for i in range(length):
+                scores = torch.full((heads, length), float("-inf"))
+                for j in range(int(lengths[b])):
+                    p = split(attention.linear_pos(table[10 - 1 - (i - j)]))
+                    scores[:, j] = (
+                        ((q[b, i] + attention.pos_bias_u) * k[b, j]).sum(-1)
+                        + ((q[b, i] + attention.pos_bias_v) * p).sum(-1)
+                    ) / math.sqrt(d_k)
+                weights = torch.softmax(scores, dim=-1)
+                context[i] = torch.einsum("hj,jhd->hd", weights, v[b])
+            expected[b] = x[b] + attention.fc(context.reshape(length, d_model))
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+
+
+def test_every_clip_in_a_padded_batch_gets_its_batch_size_1_result(speech_encoder):
+    # Every residue of T mod 4 and of ceil(T/4) mod 2, the shortest clips, and a
+    # padding value that would leak into the result if padding were not masked.
+    lengths = [1, 7, 8, 9, 10, 37, 38, 39, 40, 121, 418]
+    clips = [torch.randn(n, 80, generator=torch.Generator().manual_seed(n)) for n in lengths]
+    padded = torch.nn.utils.rnn.pad_sequence(clips, batch_first=True, padding_value=3.0)
+    with torch.no_grad():
+        batched = speech_encoder(padded, torch.tensor(lengths))
+        alone = [speech_encoder(clip[None], torch.tensor([clip.shape[0]]))[0] for clip in clips]
+        hidden, enc_lengths = speech_encoder.encoder(padded, torch.tensor(lengths))
+        hidden_alone = [
+            speech_encoder.encoder(clip[None], torch.tensor([clip.shape[0]]))[0][0] for clip in clips
+        ]
+    assert [e.shape[0] for e in batched] == [spec.speech_embedding_count(n) for n in lengths]
+    for got, expected in zip(batched, alone):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    for row, length, expected in zip(hidden, enc_lengths.tolist(), hidden_alone):
+        torch.testing.assert_close(row[:length], expected, rtol=0, atol=1e-5)
+
+
+def test_padded_batch_beyond_the_longest_clip_changes_nothing(speech_encoder):
+    clips = torch.randn(2, 50, 80)
+    lengths = torch.tensor([50, 21])
+    with torch.no_grad():
+        tight = speech_encoder(clips, lengths)
+        loose = speech_encoder(torch.cat([clips, torch.randn(2, 30, 80)], dim=1), lengths)
+    for a, b in zip(tight, loose):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_bfloat16_weights_run_and_keep_their_dtype(speech_encoder):
+    clone = copy.deepcopy(speech_encoder).to(torch.bfloat16)
+    features = torch.randn(2, 60, 80)
+    with torch.no_grad():
+        low = clone(features, torch.tensor([60, 33]))
+        full = speech_encoder(features, torch.tensor([60, 33]))
+    assert [e.dtype for e in low] == [torch.bfloat16] * 2
+    for a, b in zip(low, full):
+        torch.testing.assert_close(a.float(), b, rtol=0, atol=0.1)
+
+
+def test_clips_beyond_the_relative_position_table_are_refused():
+    config = FireRedAsrEncoderConfig(**ENCODER, relative_position_max_len=8)
+    encoder = randomise(ConformerEncoder(config), seed=2)
+    with torch.no_grad():
+        hidden, _ = encoder(torch.randn(1, 32, 80), torch.tensor([32]))  # exactly 8 encoder frames
+        assert hidden.shape[1] == 8
+        with pytest.raises(ValueError, match="9 encoder frames exceed the relative position table's 8"):
+            encoder(torch.randn(1, 33, 80), torch.tensor([33]))
+
+
+@pytest.mark.parametrize(
+    ("features", "num_frames", "message"),
+    [
+        (torch.randn(2, 10, 80), torch.tensor([10, 0]), r"num_frames must lie in \[1, 10\]"),
+        (torch.randn(2, 10, 80), torch.tensor([11, 3]), r"num_frames must lie in \[1, 10\]"),
+        (torch.randn(2, 10, 40), torch.tensor([10, 3]), r"features must be \[batch, frames, 80\]"),
+        (torch.randn(2, 10, 80), torch.tensor([10]), "one length per clip"),
+    ],
+)
+def test_malformed_inputs_are_refused(speech_encoder, features, num_frames, message):
+    with pytest.raises(ValueError, match=message):
+        speech_encoder(features, num_frames)
