@@ -1,0 +1,79 @@
+"""Settings and checks shared by the tests that run the plugin in a vLLM engine."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fireredasr_converter import spec
+
+# vLLM's CPU backend sizes its KV cache from this variable (GiB); the tiny model needs little.
+CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+# Eager mode: torch.compile would dominate engine startup on CPU. 1024 positions hold the
+# longest accepted clip (30 s: N = 375 placeholders) plus the prompt and N generated tokens.
+MAX_MODEL_LEN = 1024
+ENGINE_KWARGS = {
+    "enforce_eager": True,
+    "max_model_len": MAX_MODEL_LEN,
+    "gpu_memory_utilization": 0.2,
+    "seed": 0,
+}
+
+# Clip lengths in samples at 16 kHz. Together they cover every residue of the fbank
+# frame count T mod 4 (the encoder's ceil(T / 4) rounds differently for each), the
+# shortest clip with one speech embedding, a length off the 10 ms frame grid, and 20 s.
+PARITY_CLIP_SAMPLES = (
+    spec.min_samples_for_one_embedding(),  # T = 5, N = 1
+    1200,  # T = 6
+    1360,  # T = 7
+    1520,  # T = 8
+    16000,  # 1 s, T = 98, N = 12
+    31760,  # T = 197, N = 25
+    48123,  # T = 299, off the frame grid
+    67120,  # T = 418, N = 52
+    197840,  # T = 1235, N = 154
+    20 * spec.SAMPLE_RATE,  # 20 s, T = 1998, N = 250
+)
+
+# The plugin's top-5 log-probabilities agree with the reference's within this.
+NUM_LOGPROBS = 5
+LOGPROB_ATOL = 1e-3
+
+
+def speech_embedding_count(num_samples: int) -> int:
+    return spec.speech_embedding_count_for_samples(num_samples)
+
+
+def as_vllm_text(decoded_text: str) -> str:
+    """A full decode of generated ids, as vLLM's incremental detokenizer returns it.
+
+    vLLM holds back the bytes of a UTF-8 character that is not finished when
+    generation stops; a full decode shows them as trailing U+FFFD. The tiny
+    fixture's random weights often stop in the middle of a byte-level character.
+    """
+    return decoded_text.rstrip("\ufffd")
+
+
+def assert_top_logprobs_close(
+    vllm_logprobs: dict[int, float], reference_logprobs: dict[int, float], step: int
+) -> float:
+    """Compare one decoding step's top-k log-probabilities; returns the largest difference.
+
+    The k values must agree as a sorted list, and every token both sides rank in
+    their top k must have the same log-probability. (The two sets may differ only
+    where the k-th and (k+1)-th tokens tie within the tolerance.)
+    """
+    vllm_values = np.sort(np.fromiter(vllm_logprobs.values(), dtype=np.float64))[::-1]
+    reference_values = np.sort(np.fromiter(reference_logprobs.values(), dtype=np.float64))[::-1]
+    assert vllm_values.shape == reference_values.shape, f"step {step}: top-k sizes differ"
+    differences = list(np.abs(vllm_values - reference_values))
+    differences += [
+        abs(vllm_logprobs[token] - reference_logprobs[token])
+        for token in vllm_logprobs.keys() & reference_logprobs.keys()
+    ]
+    worst = float(max(differences))
+    assert worst <= LOGPROB_ATOL, (
+        f"step {step}: top-k log-probabilities differ by {worst:.2e} (> {LOGPROB_ATOL:g}): "
+        f"vLLM {vllm_logprobs}, reference {reference_logprobs}"
+    )
+    return worst
