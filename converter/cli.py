@@ -1,0 +1,71 @@
+"""`fireredasr-convert SRC OUT`: the command line of `fireredasr_converter.pipeline.convert`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .errors import ConversionError
+from .pipeline import convert
+from .plan import DEFAULT_MAX_SHARD_SIZE, DTYPES, parse_size
+
+
+class _Size(click.ParamType):
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_size(value)
+        except ConversionError as error:
+            self.fail(str(error), param, ctx)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--llm-dir", type=click.Path(path_type=Path), help="Qwen2-7B-Instruct folder, if SRC has no working link to it."
+)
+@click.option(
+    "--dtype", type=click.Choice(list(DTYPES)), default="bf16", show_default=True, help="dtype of every output tensor."
+)
+@click.option(
+    "--max-shard-size",
+    type=_Size(),
+    default=DEFAULT_MAX_SHARD_SIZE,
+    show_default=True,
+    help="Largest output shard (5GB, 500MB, 2GiB).",
+)
+@click.option("--lora-alpha", type=click.IntRange(min=1), help="LoRA alpha; the original trained with 16.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is not empty (the old OUT survives a failure).")
+@click.option("--dry-run", is_flag=True, help="Check the release and print the plan; write nothing.")
+@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+def main(src, out, llm_dir, dtype, max_shard_size, lora_alpha, overwrite, dry_run, quiet):
+    """Convert the FireRedASR-LLM release in SRC into a self-contained Hugging Face-style repo at OUT.
+
+    SRC is the release folder (model.pth.tar, asr_encoder.pth.tar, cmvn.ark and a
+    Qwen2-7B-Instruct link or folder). OUT gets safetensors shards, config.json,
+    the tokenizer with <speech>, preprocessor and generation configs and a model card.
+    """
+    try:
+        result = convert(
+            src,
+            out,
+            llm_dir=llm_dir,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            lora_alpha=lora_alpha,
+            quiet=quiet,
+        )
+    except ConversionError as error:
+        click.echo(f"error: {error}", err=True)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        raise SystemExit(130) from None
+    if dry_run:
+        click.echo("\n".join(result.plan))
+        click.echo(f"dry run: nothing written to {result.out}")

@@ -1,0 +1,210 @@
+"""`convert()`: discover the release, plan the output, stream the tensors, verify, move into place."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import torch
+
+from .errors import ConversionError
+from .plan import DEFAULT_MAX_SHARD_SIZE, BlockBuffers, ConversionPlan, build_plan, describe, format_size, parse_size
+from .release import Release, discover_release
+from .repo_files import (
+    ConversionOptions,
+    InputHasher,
+    build_config,
+    provenance,
+    write_generation_config,
+    write_model_card,
+    write_preprocessor_config,
+)
+from .tokenizer import check_tokenizer, write_tokenizer
+from .verify import check_index_and_shards, check_tensor_values
+from .writer import (
+    WRITE_QUEUE_DEPTH,
+    BackgroundWriter,
+    ShardWriter,
+    StagedOutput,
+    check_output_location,
+    output_error,
+    write_index,
+)
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    out: Path
+    dry_run: bool  # True: nothing was written
+    plan: list[str]  # the plan, as --dry-run prints it
+    num_tensors: int
+    num_shards: int
+    total_size: int  # bytes of tensor data
+    speech_token_id: int
+
+
+class _Progress:
+    """Tensors and bytes written, on stderr: in place on a terminal, a line every few seconds otherwise."""
+
+    def __init__(self, plan: ConversionPlan, enabled: bool):
+        self.enabled = enabled
+        self._total_tensors = len(plan.tensors)
+        self._total_bytes = plan.total_size
+        self._tensors = self._bytes = 0
+        self._interactive = sys.stderr.isatty()
+        self._last = time.monotonic()
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            click.echo(text, err=True)
+
+    def advance(self, num_bytes: int) -> None:
+        self._tensors += 1
+        self._bytes += num_bytes
+        done = self._tensors == self._total_tensors
+        now = time.monotonic()
+        if not self.enabled or not (done or now - self._last >= (0.2 if self._interactive else 10.0)):
+            return
+        self._last = now
+        percent = 100 * self._bytes / max(1, self._total_bytes)
+        line = (
+            f"  {self._tensors}/{self._total_tensors} tensors, {format_size(self._bytes)} / "
+            f"{format_size(self._total_bytes)} ({percent:.0f}%)"
+        )
+        if self._interactive:
+            click.echo("\r" + line, err=True, nl=done)
+        else:
+            click.echo(line, err=True)
+
+
+def convert(
+    src: Path,
+    out: Path,
+    *,
+    llm_dir: Path | None = None,
+    dtype: str = "bf16",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    lora_alpha: int | None = None,
+    quiet: bool = True,
+) -> ConversionResult:
+    """Convert the FireRedASR-LLM release in `src` into a self-contained repo at `out`.
+
+    Raises ConversionError (one line naming the problem and the fix) with `out`
+    left as it was. `dry_run` only checks the release and returns the plan.
+    """
+    inputs = [Path(p).resolve() for p in (src, llm_dir) if p is not None]
+    out = check_output_location(Path(out), inputs, overwrite)
+    options = ConversionOptions(
+        dtype=dtype,
+        max_shard_size=parse_size(max_shard_size),
+        lora_alpha=lora_alpha,
+        llm_dir_given=llm_dir is not None,
+    )
+    release = discover_release(Path(src), llm_dir, lora_alpha)
+    try:
+        # The Qwen2 folder is only known now (a symlink may lead anywhere).
+        out = check_output_location(out, [release.model_dir, release.llm.path], overwrite)
+        plan = build_plan(release, dtype, options.max_shard_size)
+        result = ConversionResult(
+            out=out,
+            dry_run=dry_run,
+            plan=describe(release, plan),
+            num_tensors=len(plan.tensors),
+            num_shards=len(plan.shards),
+            total_size=plan.total_size,
+            speech_token_id=release.llm.tokenizer.speech_token_id,
+        )
+        if not dry_run:
+            _check_free_space(out, plan)
+            _write_repo(release, plan, options, out, overwrite, _Progress(plan, enabled=not quiet))
+        return result
+    finally:
+        release.llm.weights.close()
+
+
+def _check_free_space(out: Path, plan: ConversionPlan) -> None:
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < plan.total_size:
+        raise ConversionError(
+            f"not enough free space for {out}: the weights need {format_size(plan.total_size)}, "
+            f"{format_size(free)} are free; free some space or choose another output folder"
+        )
+
+
+def _write_repo(
+    release: Release, plan: ConversionPlan, options: ConversionOptions, out: Path, overwrite: bool, progress: _Progress
+) -> None:
+    hasher = InputHasher(release.input_files)
+    try:
+        with StagedOutput(out, overwrite) as staged:
+            progress.say(f"writing {len(plan.tensors)} tensors to {out}")
+            with _one_core_left_free():
+                _write_weights(staged.path, plan, progress)
+            _write_small_files(staged.path, release, plan, options, hasher)
+            progress.say("verifying")
+            _verify(staged.path, plan, release)
+            staged.commit()
+        progress.say(f"done: {out} ({len(plan.shards)} shard(s), {format_size(plan.total_size)})")
+    except OSError as error:
+        raise output_error(error, out.parent) from None
+    finally:
+        hasher.cancel()
+
+
+@contextlib.contextmanager
+def _one_core_left_free():
+    """Run torch on all cores but one while streaming: the input hashing and the
+    write thread need one, and torch's spinning worker threads slow everything
+    down when they compete with them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _write_weights(folder: Path, plan: ConversionPlan, progress: _Progress) -> None:
+    buffers = BlockBuffers(slots=WRITE_QUEUE_DEPTH + 2)
+    background = BackgroundWriter(WRITE_QUEUE_DEPTH)
+    try:
+        for shard in plan.shards:
+            writer = ShardWriter(folder / shard.filename, shard, plan.dtype, background)
+            try:
+                for tensor in shard.tensors:
+                    blocks = tensor.blocks(plan.dtype, plan.lora_scale, buffers)
+                    writer.write_tensor(tensor.name, blocks, then=tensor.source.done)
+                    progress.advance(tensor.nbytes(plan.dtype))
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+    finally:
+        background.close()
+    write_index(folder, plan)
+
+
+def _write_small_files(
+    folder: Path, release: Release, plan: ConversionPlan, options: ConversionOptions, hasher: InputHasher
+) -> None:
+    write_tokenizer(release.llm.tokenizer, folder)
+    write_preprocessor_config(release, folder)
+    write_generation_config(release, folder)
+    write_model_card(release, plan, options, folder)
+    hashes = hasher.result()
+    build_config(release, plan, provenance(release, plan, options, hashes)).save_pretrained(folder)
+
+
+def _verify(folder: Path, plan: ConversionPlan, release: Release) -> None:
+    check_index_and_shards(folder, plan)
+    check_tensor_values(folder, plan)
+    check_tokenizer(folder, release.llm.tokenizer.speech_token_id)
