@@ -1,4 +1,4 @@
-"""`fireredasr-convert SRC OUT`: the command line of `fireredasr_converter.pipeline.convert`."""
+"""`fireredasr-convert SRC OUT` (`fireredasr_converter.pipeline.convert`) and `fireredasr-push OUT ORG/NAME`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .errors import ConversionError
+from .hub import HubPushError, PushRequest, check_push_request, hub_options, run_push
 from .pipeline import convert
 from .plan import DEFAULT_MAX_SHARD_SIZE, DTYPES, parse_size
 
@@ -41,14 +42,22 @@ class _Size(click.ParamType):
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is not empty (the old OUT survives a failure).")
 @click.option("--dry-run", is_flag=True, help="Check the release and print the plan; write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
-def main(src, out, llm_dir, dtype, max_shard_size, lora_alpha, overwrite, dry_run, quiet):
+@click.option("--push-to-hub", metavar="ORG/NAME", help="Then upload OUT to this Hub model repo (docs/hub.md).")
+@hub_options
+def main(
+    src, out, llm_dir, dtype, max_shard_size, lora_alpha, overwrite, dry_run, quiet, push_to_hub, **hub_settings
+):
     """Convert the FireRedASR-LLM release in SRC into a self-contained Hugging Face-style repo at OUT.
 
     SRC is the release folder (model.pth.tar, asr_encoder.pth.tar, cmvn.ark and a
     Qwen2-7B-Instruct link or folder). OUT gets safetensors shards, config.json,
     the tokenizer with <speech>, preprocessor and generation configs and a model card.
+    With --push-to-hub, OUT is then uploaded as `fireredasr-push OUT ORG/NAME` does.
     """
+    push = _push_request(push_to_hub, hub_settings)
     try:
+        if push is not None:
+            check_push_request(push)  # before a long conversion
         result = convert(
             src,
             out,
@@ -60,7 +69,7 @@ def main(src, out, llm_dir, dtype, max_shard_size, lora_alpha, overwrite, dry_ru
             lora_alpha=lora_alpha,
             quiet=quiet,
         )
-    except ConversionError as error:
+    except (ConversionError, HubPushError) as error:
         click.echo(f"error: {error}", err=True)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
@@ -69,3 +78,31 @@ def main(src, out, llm_dir, dtype, max_shard_size, lora_alpha, overwrite, dry_ru
     if dry_run:
         click.echo("\n".join(result.plan))
         click.echo(f"dry run: nothing written to {result.out}")
+        if push is not None:
+            click.echo(f"dry run: nothing pushed to {push.repo_id}")
+    elif push is not None:
+        run_push(result.out, push)
+
+
+def _push_request(repo_id: str | None, hub_settings: dict) -> PushRequest | None:
+    if repo_id is None:
+        given = [f"--{name.replace('_', '-')}" for name, value in hub_settings.items() if value]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only apply with --push-to-hub ORG/NAME")
+        return None
+    return PushRequest(repo_id=repo_id, **hub_settings)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("repo_id", metavar="ORG/NAME")
+@hub_options
+def push_main(out, repo_id, **hub_settings):
+    """Upload the converted repo in OUT to the Hugging Face Hub model repo ORG/NAME.
+
+    Checks that OUT is a complete converted repo, creates the repo (and branch)
+    if needed, uploads with huggingface_hub, then compares the Hub's files with
+    OUT. Re-running after a failure resumes. Prints the repo URL and the
+    `vllm serve` command. See docs/hub.md.
+    """
+    run_push(out, PushRequest(repo_id=repo_id, **hub_settings))

@@ -18,6 +18,7 @@ from .release import Release
 
 CONVERTER = "fireredasr-convert"
 PROVENANCE_KEY = "fireredasr_conversion"
+BASE_LLM_REPO = "Qwen/Qwen2-7B-Instruct"  # the card's first base_model
 HASH_BLOCK_BYTES = 16 << 20
 
 
@@ -198,7 +199,7 @@ license: apache-2.0
 pipeline_tag: automatic-speech-recognition
 library_name: vllm
 base_model:
-- Qwen/Qwen2-7B-Instruct
+- {BASE_LLM_REPO}
 - {model_repo}
 language:
 - zh
