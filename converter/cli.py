@@ -8,7 +8,7 @@ import click
 
 from .errors import ConversionError
 from .hub import HubPushError, PushRequest, check_push_request, hub_options, run_push
-from .pipeline import convert
+from .pipeline import DEFAULT_TARGET, TARGETS, convert
 from .plan import DEFAULT_MAX_SHARD_SIZE, DTYPES, parse_size
 
 
@@ -39,22 +39,32 @@ class _Size(click.ParamType):
     help="Largest output shard (5GB, 500MB, 2GiB).",
 )
 @click.option("--lora-alpha", type=click.IntRange(min=1), help="LoRA alpha; the original trained with 16.")
+@click.option(
+    "--target",
+    type=click.Choice(list(TARGETS)),
+    default=DEFAULT_TARGET,
+    show_default=True,
+    help="Output format: this project's vLLM plugin, or stock vLLM's FireRedASR2 model (docs/stock-vllm.md).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is not empty (the old OUT survives a failure).")
 @click.option("--dry-run", is_flag=True, help="Check the release and print the plan; write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--push-to-hub", metavar="ORG/NAME", help="Then upload OUT to this Hub model repo (docs/hub.md).")
 @hub_options
 def main(
-    src, out, llm_dir, dtype, max_shard_size, lora_alpha, overwrite, dry_run, quiet, push_to_hub, **hub_settings
+    src, out, llm_dir, dtype, max_shard_size, lora_alpha, target, overwrite, dry_run, quiet, push_to_hub, **hub_settings
 ):
     """Convert the FireRedASR-LLM release in SRC into a self-contained Hugging Face-style repo at OUT.
 
     SRC is the release folder (model.pth.tar, asr_encoder.pth.tar, cmvn.ark and a
     Qwen2-7B-Instruct link or folder). OUT gets safetensors shards, config.json,
     the tokenizer with <speech>, preprocessor and generation configs and a model card.
+    --target stock-vllm writes the layout of stock vLLM's FireRedASR2 model instead.
     With --push-to-hub, OUT is then uploaded as `fireredasr-push OUT ORG/NAME` does.
     """
     push = _push_request(push_to_hub, hub_settings)
+    if push is not None and target != DEFAULT_TARGET:
+        raise click.UsageError(f"--push-to-hub uploads the {DEFAULT_TARGET} format only; drop --target {target}")
     try:
         if push is not None:
             check_push_request(push)  # before a long conversion
@@ -68,6 +78,7 @@ def main(
             dry_run=dry_run,
             lora_alpha=lora_alpha,
             quiet=quiet,
+            target=target,
         )
     except (ConversionError, HubPushError) as error:
         click.echo(f"error: {error}", err=True)

@@ -17,14 +17,15 @@ from .errors import ConversionError
 from .plan import DEFAULT_MAX_SHARD_SIZE, BlockBuffers, ConversionPlan, build_plan, describe, format_size, parse_size
 from .release import Release, discover_release
 from .repo_files import (
+    PLUGIN_TARGET,
     ConversionOptions,
     InputHasher,
-    build_config,
+    OutputFormat,
+    PluginFormat,
     provenance,
     write_generation_config,
-    write_model_card,
-    write_preprocessor_config,
 )
+from .stock_vllm import StockVllmFormat
 from .tokenizer import check_tokenizer, write_tokenizer
 from .verify import check_index_and_shards, check_tensor_values
 from .writer import (
@@ -37,6 +38,10 @@ from .writer import (
     write_index,
 )
 
+# The --target values: the plugin's format (docs/format.md) or stock vLLM's FireRedASR2 layout (docs/stock-vllm.md).
+TARGETS: dict[str, OutputFormat] = {output.name: output for output in (PluginFormat(), StockVllmFormat())}
+DEFAULT_TARGET = PLUGIN_TARGET
+
 
 @dataclass(frozen=True)
 class ConversionResult:
@@ -47,6 +52,7 @@ class ConversionResult:
     num_shards: int
     total_size: int  # bytes of tensor data
     speech_token_id: int
+    target: str
 
 
 class _Progress:
@@ -94,12 +100,19 @@ def convert(
     dry_run: bool = False,
     lora_alpha: int | None = None,
     quiet: bool = True,
+    target: str = DEFAULT_TARGET,
 ) -> ConversionResult:
     """Convert the FireRedASR-LLM release in `src` into a self-contained repo at `out`.
 
-    Raises ConversionError (one line naming the problem and the fix) with `out`
-    left as it was. `dry_run` only checks the release and returns the plan.
+    `target` picks the output format: "plugin" (docs/format.md, served by this
+    project's vLLM plugin) or "stock-vllm" (stock vLLM's built-in
+    FireRedASR2ForConditionalGeneration, docs/stock-vllm.md). Raises
+    ConversionError (one line naming the problem and the fix) with `out` left
+    as it was. `dry_run` only checks the release and returns the plan.
     """
+    if target not in TARGETS:
+        raise ConversionError(f"unknown target {target!r}: use one of {', '.join(TARGETS)}")
+    output_format = TARGETS[target]
     inputs = [Path(p).resolve() for p in (src, llm_dir) if p is not None]
     out = check_output_location(Path(out), inputs, overwrite)
     options = ConversionOptions(
@@ -107,24 +120,27 @@ def convert(
         max_shard_size=parse_size(max_shard_size),
         lora_alpha=lora_alpha,
         llm_dir_given=llm_dir is not None,
+        target=target,
     )
     release = discover_release(Path(src), llm_dir, lora_alpha)
     try:
         # The Qwen2 folder is only known now (a symlink may lead anywhere).
         out = check_output_location(out, [release.model_dir, release.llm.path], overwrite)
-        plan = build_plan(release, dtype, options.max_shard_size)
+        output_format.check_release(release)
+        plan = build_plan(release, dtype, options.max_shard_size, output_format.language_model_prefix)
         result = ConversionResult(
             out=out,
             dry_run=dry_run,
-            plan=describe(release, plan),
+            plan=[f"target: {target}, {output_format.summary}", *describe(release, plan, output_format.speech_token)],
             num_tensors=len(plan.tensors),
             num_shards=len(plan.shards),
             total_size=plan.total_size,
             speech_token_id=release.llm.tokenizer.speech_token_id,
+            target=target,
         )
         if not dry_run:
             _check_free_space(out, plan)
-            _write_repo(release, plan, options, out, overwrite, _Progress(plan, enabled=not quiet))
+            _write_repo(release, plan, options, output_format, out, overwrite, _Progress(plan, enabled=not quiet))
         return result
     finally:
         release.llm.weights.close()
@@ -141,7 +157,13 @@ def _check_free_space(out: Path, plan: ConversionPlan) -> None:
 
 
 def _write_repo(
-    release: Release, plan: ConversionPlan, options: ConversionOptions, out: Path, overwrite: bool, progress: _Progress
+    release: Release,
+    plan: ConversionPlan,
+    options: ConversionOptions,
+    output_format: OutputFormat,
+    out: Path,
+    overwrite: bool,
+    progress: _Progress,
 ) -> None:
     hasher = InputHasher(release.input_files)
     try:
@@ -149,9 +171,9 @@ def _write_repo(
             progress.say(f"writing {len(plan.tensors)} tensors to {out}")
             with _one_core_left_free():
                 _write_weights(staged.path, plan, progress)
-            _write_small_files(staged.path, release, plan, options, hasher)
+            _write_small_files(staged.path, release, plan, options, output_format, hasher)
             progress.say("verifying")
-            _verify(staged.path, plan, release)
+            _verify(staged.path, plan, release, output_format)
             staged.commit()
         progress.say(f"done: {out} ({len(plan.shards)} shard(s), {format_size(plan.total_size)})")
     except OSError as error:
@@ -194,17 +216,20 @@ def _write_weights(folder: Path, plan: ConversionPlan, progress: _Progress) -> N
 
 
 def _write_small_files(
-    folder: Path, release: Release, plan: ConversionPlan, options: ConversionOptions, hasher: InputHasher
+    folder: Path,
+    release: Release,
+    plan: ConversionPlan,
+    options: ConversionOptions,
+    output_format: OutputFormat,
+    hasher: InputHasher,
 ) -> None:
-    write_tokenizer(release.llm.tokenizer, folder)
-    write_preprocessor_config(release, folder)
+    write_tokenizer(release.llm.tokenizer, folder, output_format.speech_token)
     write_generation_config(release, folder)
-    write_model_card(release, plan, options, folder)
-    hashes = hasher.result()
-    build_config(release, plan, provenance(release, plan, options, hashes)).save_pretrained(folder)
+    conversion = provenance(release, plan, options, hasher.result())
+    output_format.write_files(folder, release, plan, options, conversion)
 
 
-def _verify(folder: Path, plan: ConversionPlan, release: Release) -> None:
+def _verify(folder: Path, plan: ConversionPlan, release: Release, output_format: OutputFormat) -> None:
     check_index_and_shards(folder, plan)
     check_tensor_values(folder, plan)
-    check_tokenizer(folder, release.llm.tokenizer.speech_token_id)
+    check_tokenizer(folder, release.llm.tokenizer.speech_token_id, output_format.speech_token)

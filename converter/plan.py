@@ -203,8 +203,11 @@ class ConversionPlan:
         return {tensor.name: shard.filename for shard in self.shards for tensor in shard.tensors}
 
 
-def plan_tensors(release: Release) -> list[PlannedTensor]:
-    """Every output tensor in write order: encoder, adapter, then Qwen2 in storage order."""
+def plan_tensors(release: Release, language_model_prefix: str = LANGUAGE_MODEL_PREFIX) -> list[PlannedTensor]:
+    """Every output tensor in write order: encoder, adapter, then Qwen2 in storage order.
+
+    Encoder and adapter keep the original's names; the Qwen2 names get `language_model_prefix`.
+    """
     planned = [
         PlannedTensor(name, tuple(tensor.shape), CheckpointTensor(release.encoder_source, tensor))
         for name, tensor in release.encoder_tensors.items()
@@ -217,21 +220,23 @@ def plan_tensors(release: Release) -> list[PlannedTensor]:
     weights = release.llm.weights
     planned += [
         PlannedTensor(
-            LANGUAGE_MODEL_PREFIX + name, stored.shape, SafetensorsTensor(weights, name), lora_pairs.get(name)
+            language_model_prefix + name, stored.shape, SafetensorsTensor(weights, name), lora_pairs.get(name)
         )
         for name, stored in weights.tensors.items()
     ]
     return planned
 
 
-def build_plan(release: Release, dtype: str, max_shard_size: str | int) -> ConversionPlan:
+def build_plan(
+    release: Release, dtype: str, max_shard_size: str | int, language_model_prefix: str = LANGUAGE_MODEL_PREFIX
+) -> ConversionPlan:
     if dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     limit = parse_size(max_shard_size)
     groups: list[list[PlannedTensor]] = []
     filled = 0
-    for tensor in plan_tensors(release):
+    for tensor in plan_tensors(release, language_model_prefix):
         size = tensor.nbytes(torch_dtype)
         # A tensor larger than the limit gets a shard of its own.
         if not groups or (groups[-1] and filled + size > limit):
@@ -246,7 +251,7 @@ def build_plan(release: Release, dtype: str, max_shard_size: str | int) -> Conve
     return ConversionPlan(dtype=torch_dtype, lora_scale=lora_scale, shards=shards)
 
 
-def describe(release: Release, plan: ConversionPlan) -> list[str]:
+def describe(release: Release, plan: ConversionPlan, speech_token: str = SPEECH_TOKEN) -> list[str]:
     """The plan as `--dry-run` prints it."""
     encoder = release.encoder_config
     lines = [
@@ -265,7 +270,7 @@ def describe(release: Release, plan: ConversionPlan) -> list[str]:
             f"{len(lora.pairs)} weights merged in fp32"
         )
     lines += [
-        f"tokenizer: {SPEECH_TOKEN} added as token {release.llm.tokenizer.speech_token_id} "
+        f"tokenizer: {speech_token} added as token {release.llm.tokenizer.speech_token_id} "
         f"(embedding of {release.llm.config['vocab_size']} rows kept as is)",
         f"output: {DTYPE_NAMES[plan.dtype]}, {len(plan.tensors)} tensors, {format_size(plan.total_size)} "
         f"in {len(plan.shards)} shard(s):",

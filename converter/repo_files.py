@@ -1,7 +1,12 @@
-"""The converted repo's small files: config, preprocessor and generation configs, model card, provenance."""
+"""The converted repo's small files: config, preprocessor and generation configs, model card, provenance.
+
+`OutputFormat` is what a conversion target (`--target`) changes; `PluginFormat`
+is the default target, the format of docs/format.md.
+"""
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import threading
 from concurrent.futures import Future
@@ -13,13 +18,14 @@ from transformers import GenerationConfig
 from . import __version__, spec
 from .configuration import ARCHITECTURE, FireRedAsrLlmConfig
 from .feature_extraction import FireRedAsrFeatureExtractor
-from .plan import DEFAULT_MAX_SHARD_SIZE, DTYPE_NAMES, ConversionPlan, parse_size
+from .plan import DEFAULT_MAX_SHARD_SIZE, DTYPE_NAMES, LANGUAGE_MODEL_PREFIX, ConversionPlan, parse_size
 from .release import Release
 
 CONVERTER = "fireredasr-convert"
 PROVENANCE_KEY = "fireredasr_conversion"
 BASE_LLM_REPO = "Qwen/Qwen2-7B-Instruct"  # the card's first base_model
 HASH_BLOCK_BYTES = 16 << 20
+PLUGIN_TARGET = "plugin"
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,41 @@ class ConversionOptions:
     max_shard_size: int
     lora_alpha: float | None
     llm_dir_given: bool
+    target: str = PLUGIN_TARGET
+
+
+class OutputFormat(abc.ABC):
+    """What a conversion target changes; the pipeline (plan, streaming, LoRA merge,
+    verification, tokenizer editing, generation config, provenance) is shared.
+    """
+
+    name: str  # the --target value
+    summary: str  # one line for --dry-run
+    language_model_prefix: str  # prepended to the Qwen2 tensor names
+    speech_token: str  # the audio placeholder added to the tokenizer
+
+    def check_release(self, release: Release) -> None:
+        """Raise a ConversionError if this format cannot hold the release."""
+
+    @abc.abstractmethod
+    def write_files(
+        self, folder: Path, release: Release, plan: ConversionPlan, options: ConversionOptions, conversion: dict
+    ) -> None:
+        """Write config.json, preprocessor_config.json and README.md; `conversion` is the provenance record."""
+
+
+class PluginFormat(OutputFormat):
+    name = PLUGIN_TARGET
+    summary = "the fireredasr-vllm plugin's format (docs/format.md)"
+    language_model_prefix = LANGUAGE_MODEL_PREFIX
+    speech_token = spec.SPEECH_TOKEN
+
+    def write_files(
+        self, folder: Path, release: Release, plan: ConversionPlan, options: ConversionOptions, conversion: dict
+    ) -> None:
+        write_preprocessor_config(release, folder)
+        write_model_card(release, plan, options, folder)
+        build_config(release, plan, conversion).save_pretrained(folder)
 
 
 class InputHasher:
@@ -83,6 +124,7 @@ def provenance(release: Release, plan: ConversionPlan, options: ConversionOption
         "converter_version": __version__,
         "release_layout": release.layout,
         "options": {
+            "target": options.target,
             "dtype": options.dtype,
             "max_shard_size": options.max_shard_size,
             "lora_alpha": options.lora_alpha,
@@ -181,6 +223,8 @@ def command_line(options: ConversionOptions) -> str:
         words += ["--lora-alpha", f"{options.lora_alpha:g}"]
     if options.max_shard_size != parse_size(DEFAULT_MAX_SHARD_SIZE):
         words += ["--max-shard-size", str(options.max_shard_size)]
+    if options.target != PLUGIN_TARGET:
+        words += ["--target", options.target]
     return " ".join(words)
 
 

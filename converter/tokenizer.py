@@ -1,8 +1,9 @@
-"""The converted repo's tokenizer: Qwen2's, plus `<speech>` and a transcription chat template.
+"""The converted repo's tokenizer: Qwen2's, plus the audio placeholder and a transcription chat template.
 
 The source files are copied byte for byte, except `tokenizer.json` and
-`tokenizer_config.json`, which are edited as JSON: `<speech>` is appended as an
-additional special token (id = the tokenizer's length, as the original's
+`tokenizer_config.json`, which are edited as JSON: the placeholder (`<speech>`,
+or stock vLLM's `<|AUDIO|>` for that target) is appended as an additional
+special token (id = the tokenizer's length, as the original's
 `add_special_tokens` gives it) and the chat template is replaced by one that
 renders a user turn holding audio as the original's transcription prompt.
 """
@@ -33,18 +34,18 @@ def _jinja_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def transcription_chat_template() -> str:
-    """A chat template that renders [user: audio] + generation prompt as `spec.transcription_prompt()`.
+def transcription_chat_template(speech_token: str = spec.SPEECH_TOKEN) -> str:
+    """A chat template that renders [user: audio] + generation prompt as `spec.transcription_prompt(speech_token)`.
 
-    Each audio part of a user turn becomes one `<speech>` (in string content,
-    each `<speech>` already there is kept); the turn always carries the one
+    Each audio part of a user turn becomes one `speech_token` (in string content,
+    each one already there is kept); the turn always carries the one
     instruction the model was trained with, so user text and system turns are
     left out, as in the original, which has no system turn.
     """
     user_open = _jinja_string(f"{spec.BOS_TOKEN}user\n")
     user_close = _jinja_string(f"{spec.TRANSCRIBE_INSTRUCTION}{spec.EOS_TOKEN}\n")
     assistant_open = _jinja_string(f"{spec.BOS_TOKEN}assistant\n")
-    speech = _jinja_string(spec.SPEECH_TOKEN)
+    speech = _jinja_string(speech_token)
     eos = _jinja_string(f"{spec.EOS_TOKEN}\n")
     audio_types = "[" + ", ".join(_jinja_string(t) for t in AUDIO_PART_TYPES) + "]"
     return (
@@ -107,8 +108,7 @@ def inspect_tokenizer(folder: Path, embedding_rows: int) -> SourceTokenizer:
         raise ConversionError(
             f"the tokenizer in {folder} lacks the Qwen2 special token(s) {', '.join(missing)}: {_FIX}"
         )
-    if spec.SPEECH_TOKEN in vocab or any(token["content"] == spec.SPEECH_TOKEN for token in added):
-        raise ConversionError(f"the tokenizer in {folder} already has {spec.SPEECH_TOKEN}: {_FIX}")
+    _check_token_is_new(folder, tokenizer, spec.SPEECH_TOKEN)
     speech_token_id = max([*vocab.values(), *(token["id"] for token in added)]) + 1
     if speech_token_id >= embedding_rows:
         raise ConversionError(
@@ -122,17 +122,28 @@ def inspect_tokenizer(folder: Path, embedding_rows: int) -> SourceTokenizer:
     )
 
 
+def _check_token_is_new(folder: Path, tokenizer: dict, token: str) -> None:
+    if token in tokenizer["model"]["vocab"] or any(added["content"] == token for added in tokenizer["added_tokens"]):
+        raise ConversionError(f"the tokenizer in {folder} already has {token}: {_FIX}")
+
+
+def check_token_is_new(source: SourceTokenizer, token: str) -> None:
+    """Refuse a source tokenizer that already has `token` (it is added with the id after the last one)."""
+    _check_token_is_new(source.folder, _read_json(source.folder / "tokenizer.json"), token)
+
+
 def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_tokenizer(source: SourceTokenizer, dest: Path) -> None:
+def write_tokenizer(source: SourceTokenizer, dest: Path, speech_token: str = spec.SPEECH_TOKEN) -> None:
+    """The source tokenizer with `speech_token` added as special token `source.speech_token_id`."""
     for name in COPIED_FILES:
         if (source.folder / name).exists():
             shutil.copyfile(source.folder / name, dest / name)
 
     speech = {
-        "content": spec.SPEECH_TOKEN,
+        "content": speech_token,
         "single_word": False,
         "lstrip": False,
         "rstrip": False,
@@ -147,30 +158,30 @@ def write_tokenizer(source: SourceTokenizer, dest: Path) -> None:
     config.setdefault("added_tokens_decoder", {})[str(source.speech_token_id)] = dict(speech)
     # transformers 5 writes `extra_special_tokens`, Qwen2's own file (4.x) `additional_special_tokens`.
     key = "extra_special_tokens" if "extra_special_tokens" in config else "additional_special_tokens"
-    config[key] = [*config.get(key, []), spec.SPEECH_TOKEN]
-    config["chat_template"] = transcription_chat_template()
+    config[key] = [*config.get(key, []), speech_token]
+    config["chat_template"] = transcription_chat_template(speech_token)
     _write_json(dest / "tokenizer_config.json", config)
 
 
-def check_tokenizer(folder: Path, speech_token_id: int) -> None:
-    """Load the written tokenizer with transformers and check `<speech>` and the prompt."""
+def check_tokenizer(folder: Path, speech_token_id: int, speech_token: str = spec.SPEECH_TOKEN) -> None:
+    """Load the written tokenizer with transformers and check `speech_token` and the prompt."""
     from transformers import AutoTokenizer
 
     # AutoTokenizer reads config.json too; without the registration it warns about the model type.
     register_with_transformers()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    prompt = spec.transcription_prompt()
+    prompt = spec.transcription_prompt(speech_token)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": [{"type": "audio"}]}], add_generation_prompt=True, tokenize=False
     )
     problems = []
-    if tokenizer.convert_tokens_to_ids(spec.SPEECH_TOKEN) != speech_token_id or len(tokenizer) != speech_token_id + 1:
-        problems.append(f"{spec.SPEECH_TOKEN} is not token {speech_token_id} of {speech_token_id + 1}")
-    if spec.SPEECH_TOKEN not in tokenizer.all_special_tokens:
-        problems.append(f"{spec.SPEECH_TOKEN} is not a special token")
+    if tokenizer.convert_tokens_to_ids(speech_token) != speech_token_id or len(tokenizer) != speech_token_id + 1:
+        problems.append(f"{speech_token} is not token {speech_token_id} of {speech_token_id + 1}")
+    if speech_token not in tokenizer.all_special_tokens:
+        problems.append(f"{speech_token} is not a special token")
     if ids.count(speech_token_id) != 1 or tokenizer.decode(ids) != prompt:
-        problems.append("the prompt does not round-trip with <speech> as one token")
+        problems.append(f"the prompt does not round-trip with {speech_token} as one token")
     if rendered != prompt:
         problems.append(f"the chat template renders {rendered!r}")
     if problems:
