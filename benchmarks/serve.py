@@ -1,0 +1,302 @@
+"""Offline serving benchmark: the vLLM plugin against the reference implementation and stock vLLM.
+
+Builds a synthetic FireRedASR-LLM-L release (random weights) at the chosen scale,
+converts it for the plugin and with `--target stock-vllm` for stock vLLM's own
+`FireRedASR2ForConditionalGeneration` (docs/stock-vllm.md), then runs the SAME
+clips through each backend, each in its own process:
+
+- reference: the plain PyTorch implementation, the original's `generate` path
+  (one clip at a time, transformers' eager attention);
+- plugin: `LLM(model=converted)` with this project's plugin, all clips submitted
+  at once (continuous batching);
+- stock: `LLM(model=stock_export)` with no plugin loaded (`VLLM_PLUGINS=""`),
+  submitted the same way with stock's prompt (placeholder `<|AUDIO|>`).
+
+Clips are synthetic speech with durations log-uniform in [1, 20] s. Every clip
+generates exactly `--output-tokens` tokens on every backend (EOS ignored on vLLM,
+min_new_tokens = max_new_tokens on the reference), so the work is the same with
+random weights. Reported per backend: model load time, utterances/s and RTFx
+(audio seconds per wall second) with all clips submitted at once, the p50/p95
+latency of a clip decoded on its own, and the ratios against the reference.
+
+    python benchmarks/serve.py --scale tiny
+    python benchmarks/serve.py --scale medium            # LLM-L shapes scaled by 1/8 (CPU: a few minutes)
+    python benchmarks/serve.py --scale llm-l --dtype bf16  # the real shapes, on a GPU
+
+Exit status 1 when a backend fails or generates another number of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from fireredasr_converter import spec
+from fireredasr_converter.fixtures import LLM_L_SHAPES, TINY_SHAPES, build_release, scaled_shapes, synthetic_speech
+from fireredasr_converter.stock_vllm import (
+    STOCK_AUDIO_TOKEN,
+    STOCK_VLLM_TARGET,
+    enable_stock_processor_without_torchvision,
+)
+
+# At module level: vLLM's spawned engine processes re-run this script's top level.
+# (A no-op where torchvision is installed; only stock's processor needs it.)
+enable_stock_processor_without_torchvision()
+
+SCALES = {
+    "tiny": TINY_SHAPES,
+    # Qwen2: 4 layers, hidden 896, 7 heads; Conformer: 2 layers, d_model 128. Vocabulary as the real one.
+    "medium": scaled_shapes(LLM_L_SHAPES, 1 / 8),
+    "llm-l": LLM_L_SHAPES,
+}
+BACKENDS = ("reference", "plugin", "stock")
+MIN_SECONDS, MAX_SECONDS = 1.0, 20.0
+RESULT_MARKER = "BENCHMARK_RESULT "
+TARGET_SPEEDUP = 5.0
+
+
+def clip_durations(num_clips: int, seed: int) -> list[float]:
+    """Log-uniform in [1, 20] s (more short clips than long ones, as in ASR test sets), 10 ms steps."""
+    rng = np.random.default_rng(seed)
+    durations = np.exp(rng.uniform(math.log(MIN_SECONDS), math.log(MAX_SECONDS), num_clips))
+    return [round(float(d), 2) for d in durations]
+
+
+def make_clips(durations: list[float]) -> list[np.ndarray]:
+    return [synthetic_speech(int(d * spec.SAMPLE_RATE), seed=i) for i, d in enumerate(durations)]
+
+
+# --- workers (one process per backend) ----------------------------------------
+
+
+def run_reference(repo: Path, clips: list[np.ndarray], output_tokens: int, dtype: str) -> dict:
+    import torch
+    from transformers import GenerationConfig
+
+    from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    model = ReferenceFireRedAsrLlm.from_pretrained(repo, dtype=getattr(torch, dtype), device=device)
+    load_seconds = time.perf_counter() - start
+    config = GenerationConfig(
+        max_new_tokens=output_tokens,
+        min_new_tokens=output_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=model.eos_token_id,
+        pad_token_id=model.pad_token_id,
+    )
+
+    def decode(clip: np.ndarray) -> int:
+        # The reference's own path: speech embeddings spliced into the prompt, then `generate`.
+        embeds, _ = model.prompt_embeds(clip)
+        with torch.inference_mode():
+            output = model.language_model.generate(
+                inputs_embeds=embeds[None],
+                attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long, device=model.device),
+                generation_config=config,
+            )
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return output.shape[1]
+
+    decode(clips[0])  # warm-up
+    latencies, generated = [], []
+    start = time.perf_counter()
+    for clip in clips:
+        clip_start = time.perf_counter()
+        generated.append(decode(clip))
+        latencies.append(time.perf_counter() - clip_start)
+    wall = time.perf_counter() - start
+    # One clip at a time: the batch run and the single-clip latencies are the same run.
+    return {"load_s": load_seconds, "batch_wall_s": wall, "latencies_s": latencies, "generated": generated}
+
+
+def run_vllm(repo: Path, clips: list[np.ndarray], output_tokens: int, dtype: str, prompt: str | None) -> dict:
+    from fireredasr_vllm.offline import create_engine, stream_transcriptions
+
+    def decode_all(batch: list[np.ndarray]) -> list[int]:
+        generated = [0] * len(batch)
+        for index, result in stream_transcriptions(
+            llm, enumerate(batch), max_new_tokens=output_tokens, ignore_eos=True, max_in_flight=len(batch), prompt=prompt
+        ):
+            if isinstance(result, Exception):
+                raise result
+            generated[index] = len(result.token_ids)
+        return generated
+
+    start = time.perf_counter()
+    llm = create_engine(repo, dtype=dtype, seed=0)
+    load_seconds = time.perf_counter() - start
+    try:
+        decode_all(clips[:1])  # warm-up
+        start = time.perf_counter()
+        generated = decode_all(clips)
+        wall = time.perf_counter() - start
+        latencies = []
+        for clip in clips:
+            clip_start = time.perf_counter()
+            decode_all([clip])
+            latencies.append(time.perf_counter() - clip_start)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    return {"load_s": load_seconds, "batch_wall_s": wall, "latencies_s": latencies, "generated": generated}
+
+
+def run_backend(backend: str, repo: Path, durations: list[float], output_tokens: int, dtype: str) -> None:
+    clips = make_clips(durations)
+    if backend == "reference":
+        result = run_reference(repo, clips, output_tokens, dtype)
+    else:
+        prompt = spec.transcription_prompt(STOCK_AUDIO_TOKEN) if backend == "stock" else None
+        result = run_vllm(repo, clips, output_tokens, dtype, prompt)
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+
+
+# --- the driver ---------------------------------------------------------------
+
+
+def run_worker(backend: str, repo: Path, durations: list[float], output_tokens: int, dtype: str) -> dict:
+    command = [
+        sys.executable, __file__, "--worker", backend, "--repo", str(repo),
+        "--durations", ",".join(map(str, durations)), "--output-tokens", str(output_tokens), "--dtype", dtype,
+    ]  # fmt: skip
+    # vLLM logs go to stderr, so stdout holds only the result line.
+    env = dict(os.environ, VLLM_LOGGING_STREAM="ext://sys.stderr", VLLM_LOGGING_LEVEL="WARNING")
+    if backend == "stock":
+        # Stock vLLM on its own: no plugin loaded, its built-in FireRedASR2 serves the export.
+        env["VLLM_PLUGINS"] = ""
+    completed = subprocess.run(command, capture_output=True, text=True, env=env)
+    for line in completed.stdout.splitlines():
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line.removeprefix(RESULT_MARKER))
+    raise RuntimeError(
+        f"the {backend} worker failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}"
+    )
+
+
+def summarise(result: dict, audio_seconds: float) -> dict:
+    latencies = np.array(result["latencies_s"])
+    count = len(latencies)
+    return {
+        "load_s": result["load_s"],
+        "utt_per_s": count / result["batch_wall_s"],
+        "rtfx": audio_seconds / result["batch_wall_s"],
+        "p50_s": float(np.percentile(latencies, 50)),
+        "p95_s": float(np.percentile(latencies, 95)),
+    }
+
+
+def print_table(rows: dict[str, dict]) -> None:
+    reference = rows.get("reference")
+    header = f"{'backend':<10} {'load s':>7} {'utt/s':>8} {'RTFx':>8} {'p50 s':>7} {'p95 s':>7}  vs reference (utt/s, p50)"
+    print(header)
+    print("-" * len(header))
+    for name, row in rows.items():
+        ratios = ""
+        if reference is not None and name != "reference":
+            ratios = f"  {row['utt_per_s'] / reference['utt_per_s']:.2f}x, {reference['p50_s'] / row['p50_s']:.2f}x"
+        print(
+            f"{name:<10} {row['load_s']:7.1f} {row['utt_per_s']:8.2f} {row['rtfx']:8.1f} "
+            f"{row['p50_s']:7.3f} {row['p95_s']:7.3f}{ratios}"
+        )
+    if "plugin" in rows and "stock" in rows:
+        plugin, stock = rows["plugin"], rows["stock"]
+        print(
+            f"plugin vs stock: {plugin['utt_per_s'] / stock['utt_per_s']:.2f}x utt/s, "
+            f"{stock['p50_s'] / plugin['p50_s']:.2f}x p50 latency"
+        )
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--scale", type=click.Choice(list(SCALES)), default="medium", show_default=True)
+@click.option("--clips", "num_clips", type=click.IntRange(min=1), default=24, show_default=True)
+@click.option("--output-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Tokens every clip generates (EOS ignored).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]),
+              help="[default: float32 on CPU, bfloat16 on a GPU]")
+@click.option("--backends", default=",".join(BACKENDS), show_default=True, help="Comma-separated subset to run.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Clip durations and weights.")
+@click.option("--workdir", type=click.Path(path_type=Path, file_okay=False),
+              help="Keep the release and conversions here (default: a temporary folder, removed afterwards).")
+@click.option("--worker", "worker_backend", type=click.Choice(BACKENDS), hidden=True)
+@click.option("--repo", type=click.Path(path_type=Path), hidden=True)
+@click.option("--durations", hidden=True)
+def main(scale, num_clips, output_tokens, dtype, backends, seed, workdir, worker_backend, repo, durations):
+    """Throughput and latency of the vLLM plugin, the reference and stock vLLM on the same model and clips."""
+    if worker_backend is not None:
+        run_backend(worker_backend, repo, [float(d) for d in durations.split(",")], output_tokens, dtype)
+        return
+    sys.exit(compare(scale, num_clips, output_tokens, dtype, backends, seed, workdir))
+
+
+def compare(scale, num_clips, output_tokens, dtype, backends, seed, workdir) -> int:
+    import torch
+
+    dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+    selected = [b for b in BACKENDS if b in backends.split(",")]
+    shapes = SCALES[scale]
+    clip_seconds = clip_durations(num_clips, seed)
+    audio_seconds = sum(clip_seconds)
+    print(f"scale {scale}: {shapes}")
+    print(
+        f"{num_clips} clips, {audio_seconds:.1f} s of audio ({min(clip_seconds):.1f}-{max(clip_seconds):.1f} s), "
+        f"{output_tokens} generated tokens per clip, {dtype}, "
+        f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU ({os.cpu_count()} cores)'}"
+    )
+
+    from fireredasr_converter.pipeline import convert
+
+    folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fireredasr-serve-"))
+    converter_dtype = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+    try:
+        release_dir = folder / f"release-{scale}"
+        if not release_dir.exists():
+            print(f"building the release in {release_dir}")
+            build_release(release_dir, shapes, seed=seed)
+        release = release_dir / "FireRedASR-LLM-L"
+        repos = {"reference": folder / f"plugin-{scale}-{converter_dtype}"}
+        repos["plugin"] = repos["reference"]
+        if not repos["plugin"].exists():
+            convert(release, repos["plugin"], dtype=converter_dtype)
+        repos["stock"] = folder / f"stock-{scale}-{converter_dtype}"
+        if "stock" in selected and not repos["stock"].exists():
+            convert(release, repos["stock"], dtype=converter_dtype, target=STOCK_VLLM_TARGET)
+
+        rows, failed = {}, False
+        for backend in selected:
+            print(f"running {backend} ...", flush=True)
+            try:
+                result = run_worker(backend, repos[backend], clip_seconds, output_tokens, dtype)
+            except RuntimeError as error:
+                print(error)
+                failed = True
+                continue
+            if set(result["generated"]) != {output_tokens}:
+                print(f"{backend}: generated {sorted(set(result['generated']))} tokens, expected {output_tokens}")
+                failed = True
+            rows[backend] = summarise(result, audio_seconds)
+        print()
+        print_table(rows)
+        if "plugin" in rows and "reference" in rows:
+            speedup = rows["plugin"]["utt_per_s"] / rows["reference"]["utt_per_s"]
+            print(f"plugin / reference utterances/s: {speedup:.2f}x (target >= {TARGET_SPEEDUP:g}x)")
+        return 1 if failed else 0
+    finally:
+        if not workdir:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

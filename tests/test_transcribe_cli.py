@@ -1,0 +1,186 @@
+"""`fireredasr-transcribe` on the tiny converted fixture.
+
+One run through the vLLM backend (a subprocess, as users run it) over a wav.scp
+with good clips at several rates and channel counts, a corrupt file, a clip too
+short to transcribe and a missing file. A second run resumes a copy of its output
+cut in the middle of a line, through the reference backend in-process, and must
+end with the very same file. The input and output handling runs on its own,
+without a model.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+
+from fireredasr_converter import spec
+from fireredasr_converter.fixtures import synthetic_speech
+from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
+from fireredasr_vllm.transcribe import (
+    EXIT_PARTIAL,
+    InputError,
+    collect_utterances,
+    kaldi_text,
+    load_audio,
+    main,
+)
+
+# uttid -> (file name, sampling rate, channels, seconds); soundfile picks the format from the extension.
+GOOD_CLIPS = {
+    "clip_16k": ("clip_16k.wav", 16000, 1, 1.0),
+    "clip_flac": ("clip_flac.flac", 16000, 1, 2.5),
+    "clip_stereo_44k": ("clip_stereo_44k.wav", 44100, 2, 1.5),
+    "clip_8k": ("clip_8k.wav", 8000, 1, 3.2),
+}
+CORRUPT, TOO_SHORT, MISSING = "corrupt", "too_short", "missing"
+# Good and bad mixed, so results must be written around the gaps in input order.
+SCP_ORDER = ["clip_16k", CORRUPT, "clip_flac", TOO_SHORT, "clip_stereo_44k", MISSING, "clip_8k"]
+
+
+@pytest.fixture(scope="module")
+def wav_scp(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("audio")
+    paths = {}
+    for seed, (uttid, (name, rate, channels, seconds)) in enumerate(GOOD_CLIPS.items()):
+        mono = synthetic_speech(int(seconds * rate), seed=seed)
+        samples = np.stack([mono, 0.5 * mono], axis=1) if channels == 2 else mono
+        sf.write(folder / name, samples, rate)
+        paths[uttid] = folder / name
+    paths[CORRUPT] = folder / "corrupt.wav"
+    paths[CORRUPT].write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(200)))
+    paths[TOO_SHORT] = folder / "too_short.wav"
+    sf.write(paths[TOO_SHORT], synthetic_speech(spec.min_samples_for_one_embedding() - 1), spec.SAMPLE_RATE)
+    paths[MISSING] = folder / "missing.wav"
+    scp = folder / "wav.scp"
+    scp.write_text("".join(f"{uttid} {paths[uttid]}\n" for uttid in SCP_ORDER), encoding="utf-8")
+    return scp
+
+
+@pytest.fixture(scope="module")
+def expected_text(converted_fp32, wav_scp):
+    """The reference implementation's transcript of every good clip, read as the CLI reads it."""
+    reference = ReferenceFireRedAsrLlm.from_pretrained(converted_fp32)
+    paths = dict(line.split(maxsplit=1) for line in wav_scp.read_text(encoding="utf-8").splitlines())
+    return {
+        uttid: kaldi_text(reference.transcribe([load_audio(paths[uttid])])[0].text)
+        for uttid in SCP_ORDER
+        if uttid in GOOD_CLIPS
+    }
+
+
+@pytest.fixture(scope="module")
+def vllm_run(converted_fp32, wav_scp, tmp_path_factory):
+    output = tmp_path_factory.mktemp("vllm-run") / "text"
+    command = [
+        sys.executable, "-m", "fireredasr_vllm.transcribe",
+        "--model", str(converted_fp32), "--wav-scp", str(wav_scp), "--output", str(output),
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    return completed, output
+
+
+def test_vllm_backend_transcribes_good_clips_and_reports_bad_ones(vllm_run, expected_text):
+    completed, output = vllm_run
+    assert completed.returncode == EXIT_PARTIAL, completed.stderr[-3000:]
+    lines = output.read_text(encoding="utf-8").splitlines()
+    # In input order, only the good ones, each equal to the reference's transcript.
+    assert [line.split("\t", 1)[0] for line in lines] == list(expected_text)
+    assert dict(line.split("\t", 1) for line in lines) == expected_text
+
+    skipped = {line.split(":", 1)[0] for line in completed.stderr.splitlines() if line.startswith("skipped ")}
+    assert skipped == {f"skipped {uttid}" for uttid in (CORRUPT, TOO_SHORT, MISSING)}
+    assert "audio is too short" in completed.stderr
+    assert f"{len(GOOD_CLIPS)} of {len(SCP_ORDER)} utterances are in {output}" in completed.stderr
+    assert "RTF" in completed.stderr
+
+
+def test_resume_after_interruption_gives_the_uninterrupted_file(vllm_run, converted_fp32, wav_scp, tmp_path):
+    _, complete_output = vllm_run
+    data = complete_output.read_bytes()
+    second_line_end = data.index(b"\n", data.index(b"\n") + 1)
+    # Killed while writing the second line: one finished line and half of the next.
+    interrupted = tmp_path / "text"
+    interrupted.write_bytes(data[: second_line_end - 3])
+
+    result = CliRunner().invoke(
+        main,
+        ["--model", str(converted_fp32), "--wav-scp", str(wav_scp), "--output", str(interrupted),
+         "--resume", "--backend", "reference", "--quiet"],
+    )  # fmt: skip
+
+    assert result.exit_code == EXIT_PARTIAL, result.output
+    assert f"resuming: 1 of {len(SCP_ORDER)} utterances already in" in result.output
+    assert interrupted.read_bytes() == data
+
+
+def test_existing_output_needs_resume_or_overwrite(converted_fp32, wav_scp, tmp_path):
+    output = tmp_path / "text"
+    output.write_text("clip_16k\tsomething\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["--model", str(converted_fp32), "--wav-scp", str(wav_scp), "-o", str(output)])
+    assert result.exit_code == 1
+    assert "pass --resume to continue it or --overwrite" in result.output
+    assert output.read_text(encoding="utf-8") == "clip_16k\tsomething\n"
+
+
+def test_usage_errors(converted_fp32, wav_scp):
+    runner = CliRunner()
+    no_audio = runner.invoke(main, ["--model", str(converted_fp32)])
+    assert no_audio.exit_code == 2 and "--wav-scp FILE, --wav-dir DIR or paths" in no_audio.output
+    resume_to_stdout = runner.invoke(main, ["--model", str(converted_fp32), "--wav-scp", str(wav_scp), "--resume"])
+    assert resume_to_stdout.exit_code == 2 and "--resume needs --output" in resume_to_stdout.output
+
+
+def test_inputs_from_scp_folder_and_paths(tmp_path):
+    audio = tmp_path / "audio"
+    (audio / "sub").mkdir(parents=True)
+    for path in (audio / "b.wav", audio / "sub" / "a.flac", audio / "notes.txt"):
+        path.write_bytes(b"")
+    scp = tmp_path / "wav.scp"
+    scp.write_text("utt1 /data/with space/x.wav\n\nutt2 rel/y.wav\n", encoding="utf-8")
+
+    utterances = collect_utterances(scp, audio, [tmp_path / "c.wav"])
+
+    assert [(u.uttid, u.path) for u in utterances] == [
+        ("utt1", "/data/with space/x.wav"),
+        ("utt2", "rel/y.wav"),
+        ("b", str(audio / "b.wav")),
+        ("a", str(audio / "sub" / "a.flac")),
+        ("c", str(tmp_path / "c.wav")),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("scp_text", "paths", "message"),
+    [
+        ("utt1 a.wav\nutt1 b.wav\n", [], "'utt1' is used twice"),
+        ("", ["one/x.wav", "two/x.wav"], "'x' is used twice"),
+        ("", ["my clip.wav"], "contains whitespace"),
+        ("utt1\n", [], "has no audio path"),
+    ],
+)
+def test_bad_inputs_are_refused_before_decoding(tmp_path, scp_text, paths, message):
+    scp = tmp_path / "wav.scp"
+    scp.write_text(scp_text, encoding="utf-8")
+    with pytest.raises(InputError, match=message):
+        collect_utterances(scp, None, [tmp_path / p for p in paths])
+
+
+def test_audio_is_downmixed_and_resampled_to_16k_mono(tmp_path):
+    seconds = 1.5
+    mono = synthetic_speech(int(seconds * 44100), seed=3)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, np.stack([mono, 0.5 * mono], axis=1), 44100, subtype="FLOAT")
+
+    waveform = load_audio(str(path))
+
+    assert waveform.dtype == np.float32 and waveform.ndim == 1
+    assert abs(len(waveform) - seconds * spec.SAMPLE_RATE) <= 1
+    # The channel average of a 0.5-scaled copy is 0.75 x the left channel, resampled.
+    left_only = tmp_path / "left.wav"
+    sf.write(left_only, 0.75 * mono, 44100, subtype="FLOAT")
+    np.testing.assert_allclose(waveform, load_audio(str(left_only)), atol=1e-6)
