@@ -17,7 +17,8 @@ generates exactly `--output-tokens` tokens on every backend (EOS ignored on vLLM
 min_new_tokens = max_new_tokens on the reference), so the work is the same with
 random weights. Reported per backend: model load time, utterances/s and RTFx
 (audio seconds per wall second) with all clips submitted at once, the p50/p95
-latency of a clip decoded on its own, and the ratios against the reference.
+latency of a clip decoded on its own (the first `--latency-clips` clips, one
+after another), and the ratios against the reference.
 
     python benchmarks/serve.py --scale tiny
     python benchmarks/serve.py --scale medium            # LLM-L shapes scaled by 1/8 (CPU: a few minutes)
@@ -79,7 +80,7 @@ def make_clips(durations: list[float]) -> list[np.ndarray]:
 # --- workers (one process per backend) ----------------------------------------
 
 
-def run_reference(repo: Path, clips: list[np.ndarray], output_tokens: int, dtype: str) -> dict:
+def run_reference(repo: Path, clips: list[np.ndarray], output_tokens: int, dtype: str, latency_clips: int) -> dict:
     import torch
     from transformers import GenerationConfig
 
@@ -119,11 +120,18 @@ def run_reference(repo: Path, clips: list[np.ndarray], output_tokens: int, dtype
         generated.append(decode(clip))
         latencies.append(time.perf_counter() - clip_start)
     wall = time.perf_counter() - start
-    # One clip at a time: the batch run and the single-clip latencies are the same run.
-    return {"load_s": load_seconds, "batch_wall_s": wall, "latencies_s": latencies, "generated": generated}
+    # One clip at a time: the batch run holds the single-clip latencies.
+    return {
+        "load_s": load_seconds,
+        "batch_wall_s": wall,
+        "latencies_s": latencies[:latency_clips],
+        "generated": generated,
+    }
 
 
-def run_vllm(repo: Path, clips: list[np.ndarray], output_tokens: int, dtype: str, prompt: str | None) -> dict:
+def run_vllm(
+    repo: Path, clips: list[np.ndarray], output_tokens: int, dtype: str, latency_clips: int, prompt: str | None
+) -> dict:
     from fireredasr_vllm.offline import create_engine, stream_transcriptions
 
     def decode_all(batch: list[np.ndarray]) -> list[int]:
@@ -145,7 +153,7 @@ def run_vllm(repo: Path, clips: list[np.ndarray], output_tokens: int, dtype: str
         generated = decode_all(clips)
         wall = time.perf_counter() - start
         latencies = []
-        for clip in clips:
+        for clip in clips[:latency_clips]:
             clip_start = time.perf_counter()
             decode_all([clip])
             latencies.append(time.perf_counter() - clip_start)
@@ -154,23 +162,28 @@ def run_vllm(repo: Path, clips: list[np.ndarray], output_tokens: int, dtype: str
     return {"load_s": load_seconds, "batch_wall_s": wall, "latencies_s": latencies, "generated": generated}
 
 
-def run_backend(backend: str, repo: Path, durations: list[float], output_tokens: int, dtype: str) -> None:
+def run_backend(
+    backend: str, repo: Path, durations: list[float], output_tokens: int, dtype: str, latency_clips: int
+) -> None:
     clips = make_clips(durations)
     if backend == "reference":
-        result = run_reference(repo, clips, output_tokens, dtype)
+        result = run_reference(repo, clips, output_tokens, dtype, latency_clips)
     else:
         prompt = spec.transcription_prompt(STOCK_AUDIO_TOKEN) if backend == "stock" else None
-        result = run_vllm(repo, clips, output_tokens, dtype, prompt)
+        result = run_vllm(repo, clips, output_tokens, dtype, latency_clips, prompt)
     print(RESULT_MARKER + json.dumps(result), flush=True)
 
 
 # --- the driver ---------------------------------------------------------------
 
 
-def run_worker(backend: str, repo: Path, durations: list[float], output_tokens: int, dtype: str) -> dict:
+def run_worker(
+    backend: str, repo: Path, durations: list[float], output_tokens: int, dtype: str, latency_clips: int
+) -> dict:
     command = [
         sys.executable, __file__, "--worker", backend, "--repo", str(repo),
         "--durations", ",".join(map(str, durations)), "--output-tokens", str(output_tokens), "--dtype", dtype,
+        "--latency-clips", str(latency_clips),
     ]  # fmt: skip
     # vLLM logs go to stderr, so stdout holds only the result line.
     env = dict(os.environ, VLLM_LOGGING_STREAM="ext://sys.stderr", VLLM_LOGGING_LEVEL="WARNING")
@@ -188,10 +201,9 @@ def run_worker(backend: str, repo: Path, durations: list[float], output_tokens: 
 
 def summarise(result: dict, audio_seconds: float) -> dict:
     latencies = np.array(result["latencies_s"])
-    count = len(latencies)
     return {
         "load_s": result["load_s"],
-        "utt_per_s": count / result["batch_wall_s"],
+        "utt_per_s": len(result["generated"]) / result["batch_wall_s"],
         "rtfx": audio_seconds / result["batch_wall_s"],
         "p50_s": float(np.percentile(latencies, 50)),
         "p95_s": float(np.percentile(latencies, 95)),
@@ -221,7 +233,10 @@ def print_table(rows: dict[str, dict]) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--scale", type=click.Choice(list(SCALES)), default="medium", show_default=True)
-@click.option("--clips", "num_clips", type=click.IntRange(min=1), default=24, show_default=True)
+@click.option("--clips", "num_clips", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Clips submitted at once for the throughput figures.")
+@click.option("--latency-clips", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Clips decoded one after another for the latency figures.")
 @click.option("--output-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Tokens every clip generates (EOS ignored).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]),
@@ -233,15 +248,17 @@ def print_table(rows: dict[str, dict]) -> None:
 @click.option("--worker", "worker_backend", type=click.Choice(BACKENDS), hidden=True)
 @click.option("--repo", type=click.Path(path_type=Path), hidden=True)
 @click.option("--durations", hidden=True)
-def main(scale, num_clips, output_tokens, dtype, backends, seed, workdir, worker_backend, repo, durations):
+def main(scale, num_clips, latency_clips, output_tokens, dtype, backends, seed, workdir, worker_backend, repo,
+         durations):
     """Throughput and latency of the vLLM plugin, the reference and stock vLLM on the same model and clips."""
     if worker_backend is not None:
-        run_backend(worker_backend, repo, [float(d) for d in durations.split(",")], output_tokens, dtype)
+        clip_seconds = [float(d) for d in durations.split(",")]
+        run_backend(worker_backend, repo, clip_seconds, output_tokens, dtype, latency_clips)
         return
-    sys.exit(compare(scale, num_clips, output_tokens, dtype, backends, seed, workdir))
+    sys.exit(compare(scale, num_clips, latency_clips, output_tokens, dtype, backends, seed, workdir))
 
 
-def compare(scale, num_clips, output_tokens, dtype, backends, seed, workdir) -> int:
+def compare(scale, num_clips, latency_clips, output_tokens, dtype, backends, seed, workdir) -> int:
     import torch
 
     dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
@@ -252,7 +269,7 @@ def compare(scale, num_clips, output_tokens, dtype, backends, seed, workdir) -> 
     print(f"scale {scale}: {shapes}")
     print(
         f"{num_clips} clips, {audio_seconds:.1f} s of audio ({min(clip_seconds):.1f}-{max(clip_seconds):.1f} s), "
-        f"{output_tokens} generated tokens per clip, {dtype}, "
+        f"{output_tokens} generated tokens per clip, latency over the first {min(latency_clips, num_clips)}, {dtype}, "
         f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU ({os.cpu_count()} cores)'}"
     )
 
@@ -278,7 +295,7 @@ def compare(scale, num_clips, output_tokens, dtype, backends, seed, workdir) -> 
         for backend in selected:
             print(f"running {backend} ...", flush=True)
             try:
-                result = run_worker(backend, repos[backend], clip_seconds, output_tokens, dtype)
+                result = run_worker(backend, repos[backend], clip_seconds, output_tokens, dtype, latency_clips)
             except RuntimeError as error:
                 print(error)
                 failed = True
