@@ -13,9 +13,10 @@ clips through each backend, each in its own process:
   submitted the same way with stock's prompt (placeholder `<|AUDIO|>`).
 
 Clips are synthetic speech with durations log-uniform in [1, 20] s. Every clip
-generates exactly `--output-tokens` tokens on every backend (EOS ignored on vLLM,
-min_new_tokens = max_new_tokens on the reference), so the work is the same with
-random weights. Reported per backend: model load time, utterances/s and RTFx
+generates exactly N tokens on every backend, N = its number of speech embeddings
+(the original's `max_new_tokens`; `--output-tokens K` fixes K instead), with EOS
+ignored on vLLM and min_new_tokens = max_new_tokens on the reference, so the work
+is the same with random weights. Reported per backend: model load time, utterances/s and RTFx
 (audio seconds per wall second) with all clips submitted at once, the p50/p95
 latency of a clip decoded on its own (the first `--latency-clips` clips, one
 after another), and the ratios against the reference.
@@ -24,7 +25,7 @@ after another), and the ratios against the reference.
     python benchmarks/serve.py --scale medium            # LLM-L shapes scaled by 1/8 (CPU: a few minutes)
     python benchmarks/serve.py --scale llm-l --dtype bf16  # the real shapes, on a GPU
 
-Exit status 1 when a backend fails or generates another number of tokens.
+Exit status 1 when a backend fails or generates another number of tokens than asked.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from fireredasr_converter.stock_vllm import (
     STOCK_VLLM_TARGET,
     enable_stock_processor_without_torchvision,
 )
+from fireredasr_vllm.offline import default_max_new_tokens
 
 # At module level: vLLM's spawned engine processes re-run this script's top level.
 # (A no-op where torchvision is installed; only stock's processor needs it.)
@@ -73,14 +75,35 @@ def clip_durations(num_clips: int, seed: int) -> list[float]:
     return [round(float(d), 2) for d in durations]
 
 
+def clip_samples(duration: float) -> int:
+    return int(duration * spec.SAMPLE_RATE)
+
+
 def make_clips(durations: list[float]) -> list[np.ndarray]:
-    return [synthetic_speech(int(d * spec.SAMPLE_RATE), seed=i) for i, d in enumerate(durations)]
+    return [synthetic_speech(clip_samples(d), seed=i) for i, d in enumerate(durations)]
+
+
+def tokens_per_clip(durations: list[float], output_tokens: int | None, downsample_rate: int) -> list[int]:
+    """What each clip must generate: `output_tokens`, or N (the original's limit) when None."""
+    if output_tokens is not None:
+        return [output_tokens] * len(durations)
+    return [default_max_new_tokens(clip_samples(d), downsample_rate) for d in durations]
+
+
+def parse_output_tokens(context, param, value: str) -> int | None:
+    if value == "n":
+        return None
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise click.BadParameter(f"expected 'n' (each clip's speech embedding count) or a positive integer, got {value!r}")
 
 
 # --- workers (one process per backend) ----------------------------------------
 
 
-def run_reference(repo: Path, clips: list[np.ndarray], output_tokens: int, dtype: str, latency_clips: int) -> dict:
+def run_reference(
+    repo: Path, clips: list[np.ndarray], output_tokens: int | None, dtype: str, latency_clips: int
+) -> dict:
     import torch
     from transformers import GenerationConfig
 
@@ -90,16 +113,17 @@ def run_reference(repo: Path, clips: list[np.ndarray], output_tokens: int, dtype
     start = time.perf_counter()
     model = ReferenceFireRedAsrLlm.from_pretrained(repo, dtype=getattr(torch, dtype), device=device)
     load_seconds = time.perf_counter() - start
-    config = GenerationConfig(
-        max_new_tokens=output_tokens,
-        min_new_tokens=output_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=model.eos_token_id,
-        pad_token_id=model.pad_token_id,
-    )
 
     def decode(clip: np.ndarray) -> int:
+        limit = output_tokens or default_max_new_tokens(len(clip), model.config.encoder_downsample_rate)
+        config = GenerationConfig(
+            max_new_tokens=limit,
+            min_new_tokens=limit,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=model.eos_token_id,
+            pad_token_id=model.pad_token_id,
+        )
         # The reference's own path: speech embeddings spliced into the prompt, then `generate`.
         embeds, _ = model.prompt_embeds(clip)
         with torch.inference_mode():
@@ -130,7 +154,7 @@ def run_reference(repo: Path, clips: list[np.ndarray], output_tokens: int, dtype
 
 
 def run_vllm(
-    repo: Path, clips: list[np.ndarray], output_tokens: int, dtype: str, latency_clips: int, prompt: str | None
+    repo: Path, clips: list[np.ndarray], output_tokens: int | None, dtype: str, latency_clips: int, prompt: str | None
 ) -> dict:
     from fireredasr_vllm.offline import create_engine, stream_transcriptions
 
@@ -145,7 +169,9 @@ def run_vllm(
         return generated
 
     start = time.perf_counter()
-    llm = create_engine(repo, dtype=dtype, seed=0)
+    # No prefix or processor caching: the latency pass decodes clips the throughput pass
+    # has seen, and each must cost what a new clip costs.
+    llm = create_engine(repo, dtype=dtype, seed=0, enable_prefix_caching=False, mm_processor_cache_gb=0)
     load_seconds = time.perf_counter() - start
     try:
         decode_all(clips[:1])  # warm-up
@@ -163,7 +189,7 @@ def run_vllm(
 
 
 def run_backend(
-    backend: str, repo: Path, durations: list[float], output_tokens: int, dtype: str, latency_clips: int
+    backend: str, repo: Path, durations: list[float], output_tokens: int | None, dtype: str, latency_clips: int
 ) -> None:
     clips = make_clips(durations)
     if backend == "reference":
@@ -178,11 +204,11 @@ def run_backend(
 
 
 def run_worker(
-    backend: str, repo: Path, durations: list[float], output_tokens: int, dtype: str, latency_clips: int
+    backend: str, repo: Path, durations: list[float], output_tokens: int | None, dtype: str, latency_clips: int
 ) -> dict:
     command = [
         sys.executable, __file__, "--worker", backend, "--repo", str(repo),
-        "--durations", ",".join(map(str, durations)), "--output-tokens", str(output_tokens), "--dtype", dtype,
+        "--durations", ",".join(map(str, durations)), "--output-tokens", str(output_tokens or "n"), "--dtype", dtype,
         "--latency-clips", str(latency_clips),
     ]  # fmt: skip
     # vLLM logs go to stderr, so stdout holds only the result line.
@@ -197,6 +223,10 @@ def run_worker(
     raise RuntimeError(
         f"the {backend} worker failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}"
     )
+
+
+def tokens_description(output_tokens: int | None) -> str:
+    return "N per clip" if output_tokens is None else f"{output_tokens} per clip"
 
 
 def summarise(result: dict, audio_seconds: float) -> dict:
@@ -237,8 +267,9 @@ def print_table(rows: dict[str, dict]) -> None:
               help="Clips submitted at once for the throughput figures.")
 @click.option("--latency-clips", type=click.IntRange(min=1), default=16, show_default=True,
               help="Clips decoded one after another for the latency figures.")
-@click.option("--output-tokens", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Tokens every clip generates (EOS ignored).")
+@click.option("--output-tokens", default="n", show_default=True, callback=parse_output_tokens,
+              help="Tokens every clip generates, EOS ignored: 'n' = its speech embedding count "
+                   "(the original's limit), or a fixed number.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]),
               help="[default: float32 on CPU, bfloat16 on a GPU]")
 @click.option("--backends", default=",".join(BACKENDS), show_default=True, help="Comma-separated subset to run.")
@@ -267,11 +298,6 @@ def compare(scale, num_clips, latency_clips, output_tokens, dtype, backends, see
     clip_seconds = clip_durations(num_clips, seed)
     audio_seconds = sum(clip_seconds)
     print(f"scale {scale}: {shapes}")
-    print(
-        f"{num_clips} clips, {audio_seconds:.1f} s of audio ({min(clip_seconds):.1f}-{max(clip_seconds):.1f} s), "
-        f"{output_tokens} generated tokens per clip, latency over the first {min(latency_clips, num_clips)}, {dtype}, "
-        f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU ({os.cpu_count()} cores)'}"
-    )
 
     from fireredasr_converter.pipeline import convert
 
@@ -291,6 +317,15 @@ def compare(scale, num_clips, latency_clips, output_tokens, dtype, backends, see
         if "stock" in selected and not repos["stock"].exists():
             convert(release, repos["stock"], dtype=converter_dtype, target=STOCK_VLLM_TARGET)
 
+        downsample_rate = json.loads((repos["plugin"] / "config.json").read_text())["encoder_downsample_rate"]
+        expected_tokens = tokens_per_clip(clip_seconds, output_tokens, downsample_rate)
+        device = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+        print(
+            f"{num_clips} clips, {audio_seconds:.1f} s of audio ({min(clip_seconds):.1f}-{max(clip_seconds):.1f} s), "
+            f"{sum(expected_tokens)} generated tokens ({tokens_description(output_tokens)}), "
+            f"latency over the first {min(latency_clips, num_clips)}, {dtype}, {device}"
+        )
+
         rows, failed = {}, False
         for backend in selected:
             print(f"running {backend} ...", flush=True)
@@ -300,8 +335,9 @@ def compare(scale, num_clips, latency_clips, output_tokens, dtype, backends, see
                 print(error)
                 failed = True
                 continue
-            if set(result["generated"]) != {output_tokens}:
-                print(f"{backend}: generated {sorted(set(result['generated']))} tokens, expected {output_tokens}")
+            if result["generated"] != expected_tokens:
+                wrong = sum(got != want for got, want in zip(result["generated"], expected_tokens))
+                print(f"{backend}: {wrong} of {len(expected_tokens)} clips generated another number of tokens than asked")
                 failed = True
             rows[backend] = summarise(result, audio_seconds)
         print()

@@ -313,8 +313,8 @@ with open("speech.wav", "rb") as audio:
 
 In chat completions, each audio part of a user message becomes one `<speech>` in the
 original's prompt (`{prompt}`); the instruction is fixed, so text
-parts and system messages are not used. Clips must be 16 kHz mono and at most
-{release.max_audio_seconds:g} s long.
+parts and system messages are not used. Clips at any sampling rate and channel count are
+resampled to 16 kHz mono; each may be at most {release.max_audio_seconds:g} s long.
 """
 
 

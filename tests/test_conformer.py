@@ -12,6 +12,7 @@ from fireredasr_vllm.conformer import (
     ConformerEncoder,
     RelPositionMultiHeadAttention,
     SpeechEncoder,
+    length_groups,
     relative_shift,
 )
 
@@ -151,6 +152,34 @@ def test_every_clip_in_a_padded_batch_gets_its_batch_size_1_result(speech_encode
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     for row, length, expected in zip(hidden, enc_lengths.tolist(), hidden_alone):
         torch.testing.assert_close(row[:length], expected, rtol=0, atol=1e-5)
+
+
+def test_length_groups_cover_every_clip_once_and_bound_the_padding():
+    lengths = [1000, 12, 760, 750, 999, 13, 10, 9, 400, 301, 300, 1000, 1]
+    groups = length_groups(lengths, min_fill=0.75)
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+    for group in groups:
+        members = [lengths[i] for i in group]
+        assert members == sorted(members, reverse=True)
+        assert min(members) >= 0.75 * max(members)
+    # Greedy from the longest: 1000,1000,999,760,750 | 400,301,300 | 13,12,10 | 9 | 1
+    assert [[lengths[i] for i in group] for group in groups] == [
+        [1000, 1000, 999, 760, 750], [400, 301, 300], [13, 12, 10], [9], [1]
+    ]  # fmt: skip
+    assert length_groups([]) == []
+
+
+def test_encode_clips_returns_batch_size_1_rows_in_the_given_order(speech_encoder):
+    # Lengths spread over several groups, given out of order.
+    lengths = [40, 418, 9, 121, 400, 10, 1, 37]
+    clips = [torch.randn(n, 80, generator=torch.Generator().manual_seed(n)) for n in lengths]
+    with torch.no_grad():
+        grouped = speech_encoder.encode_clips(clips)
+        alone = [speech_encoder(clip[None], torch.tensor([clip.shape[0]]))[0] for clip in clips]
+    assert len(length_groups(lengths)) > 1
+    assert [e.shape[0] for e in grouped] == [spec.speech_embedding_count(n) for n in lengths]
+    for got, expected in zip(grouped, alone):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
 def test_padded_batch_beyond_the_longest_clip_changes_nothing(speech_encoder):

@@ -125,8 +125,8 @@ def test_explicit_prompt_equals_default_prompt(llm, clips, one_at_a_time):
 
 
 def test_batch_gives_one_at_a_time_results(llm, clips, one_at_a_time):
-    # Mixed lengths in one call: the engine encodes several clips per step, padded
-    # to the longest one; each must still get exactly its batch-size-1 result.
+    # Mixed lengths in one call: the engine encodes several clips per step, batched
+    # with padding; each must still get exactly its batch-size-1 result.
     lengths = list(clips)
     batched = llm.generate(
         [transcription_request(clips[n]) for n in lengths],

@@ -6,10 +6,10 @@ multimodal processor first, then the model class.
 The processor turns each clip into fbank + CMVN features (16 kHz mono, the
 vectorised front-end of `FireRedAsrFeatureExtractor`) and replaces the prompt's
 single `<speech>` token by N placeholder tokens, N = `spec.speech_embedding_count`
-of the clip's frame count. The model encodes each clip at its own length (a batch
-is padded only to its longest clip, and the encoder masks the padding) and vLLM
-scatters the N embeddings onto the N placeholders, so the sequence length the
-scheduler planned is the one that runs.
+of the clip's frame count. The model encodes each clip at its own length (clips of
+similar length are batched, padded to the longest of them, and the encoder masks
+the padding) and vLLM scatters the N embeddings onto the N placeholders, so the
+sequence length the scheduler planned is the one that runs.
 """
 
 from __future__ import annotations
@@ -272,7 +272,6 @@ class FireRedAsrLlmForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
         super().__init__()
         config: FireRedAsrLlmConfig = vllm_config.model_config.hf_config
         self.config = config
-        self.dtype = vllm_config.model_config.dtype
 
         with self._mark_tower_model(vllm_config, "audio"):
             self.speech_encoder = SpeechEncoder(config)
@@ -295,12 +294,9 @@ class FireRedAsrLlmForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
         )
 
     def _encode_speech(self, audio_input: FireRedAsrAudioFeatures) -> tuple[torch.Tensor, ...]:
-        clips = list(audio_input["input_features"])
-        num_frames = torch.tensor([clip.shape[0] for clip in clips], device=clips[0].device)
-        # Padded only to the longest clip of this batch; the encoder masks the
-        # padding, so each clip gets its batch-size-1 embeddings, N rows each.
-        features = nn.utils.rnn.pad_sequence(clips, batch_first=True).to(self.dtype)
-        return tuple(self.speech_encoder(features, num_frames))
+        # Batched by similar length, the padding masked: each clip gets its
+        # batch-size-1 embeddings, N rows each.
+        return tuple(self.speech_encoder.encode_clips(list(audio_input["input_features"])))
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         audio_input = self._parse_and_validate_audio_input(**kwargs)
