@@ -44,6 +44,7 @@ import click
 import numpy as np
 
 from fireredasr_converter import spec
+from fireredasr_converter.configuration import FireRedAsrLlmConfig
 from fireredasr_converter.fixtures import LLM_L_SHAPES, TINY_SHAPES, build_release, scaled_shapes, synthetic_speech
 from fireredasr_converter.stock_vllm import (
     STOCK_AUDIO_TOKEN,
@@ -317,7 +318,7 @@ def compare(scale, num_clips, latency_clips, output_tokens, dtype, backends, see
         if "stock" in selected and not repos["stock"].exists():
             convert(release, repos["stock"], dtype=converter_dtype, target=STOCK_VLLM_TARGET)
 
-        downsample_rate = json.loads((repos["plugin"] / "config.json").read_text())["encoder_downsample_rate"]
+        downsample_rate = FireRedAsrLlmConfig.from_pretrained(repos["plugin"]).encoder_downsample_rate
         expected_tokens = tokens_per_clip(clip_seconds, output_tokens, downsample_rate)
         device = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
         print(

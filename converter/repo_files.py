@@ -228,16 +228,8 @@ def command_line(options: ConversionOptions) -> str:
     return " ".join(words)
 
 
-def model_card(release: Release, plan: ConversionPlan, options: ConversionOptions) -> str:
-    model_name, model_repo, results = PUBLISHED_RESULTS[release.layout]
-    lora = release.lora
-    merge = (
-        f"LoRA (rank {lora.rank}, alpha {lora.alpha:g}) merged into Qwen2 as W + (alpha/r)·B·A in fp32, cast once"
-        if lora is not None
-        else "no LoRA in the release: Qwen2 weights as released"
-    )
-    rows = "\n".join(f"| {name} | {value:.2f} |" for name, value in results.items())
-    prompt = spec.transcription_prompt().replace("\n", "\\n")
+def card_front_matter(model_repo: str) -> str:
+    """The card's YAML metadata, the same for every target."""
     return f"""---
 license: apache-2.0
 pipeline_tag: automatic-speech-recognition
@@ -253,39 +245,44 @@ tags:
 - vllm
 - speech-recognition
 ---
+"""
 
-# {model_name}, converted for vLLM
 
-[{model_name}]({f"https://huggingface.co/{model_repo}"}) (Conformer encoder + adapter + Qwen2-7B-Instruct)
-in one self-contained folder: safetensors weights in {DTYPE_NAMES[plan.dtype]}, a composite `config.json`,
-the Qwen2 tokenizer with the `<speech>` token, the fbank + CMVN front-end settings in
-`preprocessor_config.json`, and greedy generation defaults.
-
-## Published results
+def card_published_results(release: Release) -> str:
+    model_name, _, results = PUBLISHED_RESULTS[release.layout]
+    rows = "\n".join(f"| {name} | {value:.2f} |" for name, value in results.items())
+    return f"""## Published results
 
 Error rates (%) reported by FireRedTeam for the original model (CER unless marked WER):
 
 | test set | {model_name} |
 |---|---|
 {rows}
+"""
 
-## How this repo was made
 
-`{command_line(options)}` (fireredasr-vllm {__version__}) from the original {release.layout} release:
+def card_provenance(release: Release, plan: ConversionPlan, options: ConversionOptions, speech_token: str) -> str:
+    """How the repo was made: the command and the facts every target shares, as bullets.
+
+    The last bullet has no closing punctuation: a target may add bullets of its own.
+    """
+    lora = release.lora
+    merge = (
+        f"LoRA (rank {lora.rank}, alpha {lora.alpha:g}) merged into Qwen2 as W + (alpha/r)·B·A in fp32, cast once"
+        if lora is not None
+        else "no LoRA in the release: Qwen2 weights as released"
+    )
+    return f"""`{command_line(options)}` (fireredasr-vllm {__version__}) from the original {release.layout} release:
 
 - encoder weights from `{release.encoder_source.path.name}`; adapter downsample rate {release.encoder_downsample_rate};
 - {merge};
 - every tensor in {DTYPE_NAMES[plan.dtype]}, {len(plan.shards)} shard(s), {plan.total_size:,} bytes;
-- `<speech>` is token {release.llm.tokenizer.speech_token_id}; the embedding was not resized.
+- `{speech_token}` is token {release.llm.tokenizer.speech_token_id}; the embedding was not resized"""
 
-`config.json` → `{PROVENANCE_KEY}` records the options and the size and sha256 of every input file.
 
-## Serving with vLLM
-
-Install the `fireredasr-vllm` package next to vLLM: its plugin entry point registers the
-model class, so vLLM needs no other setup.
-
-```python
+def card_offline_example(prompt: str) -> str:
+    """Offline transcription with vLLM's `LLM`; `prompt` as the card shows it (newlines escaped)."""
+    return f"""```python
 from vllm import LLM, SamplingParams
 
 llm = LLM(model="path/to/this/repo")
@@ -295,7 +292,33 @@ outputs = llm.generate(
     SamplingParams(temperature=0.0, max_tokens=256),
 )
 print(outputs[0].outputs[0].text)
-```
+```"""
+
+
+def model_card(release: Release, plan: ConversionPlan, options: ConversionOptions) -> str:
+    model_name, model_repo, _ = PUBLISHED_RESULTS[release.layout]
+    prompt = spec.transcription_prompt().replace("\n", "\\n")
+    return f"""{card_front_matter(model_repo)}
+# {model_name}, converted for vLLM
+
+[{model_name}]({f"https://huggingface.co/{model_repo}"}) (Conformer encoder + adapter + Qwen2-7B-Instruct)
+in one self-contained folder: safetensors weights in {DTYPE_NAMES[plan.dtype]}, a composite `config.json`,
+the Qwen2 tokenizer with the `<speech>` token, the fbank + CMVN front-end settings in
+`preprocessor_config.json`, and greedy generation defaults.
+
+{card_published_results(release)}
+## How this repo was made
+
+{card_provenance(release, plan, options, spec.SPEECH_TOKEN)}.
+
+`config.json` → `{PROVENANCE_KEY}` records the options and the size and sha256 of every input file.
+
+## Serving with vLLM
+
+Install the `fireredasr-vllm` package next to vLLM: its plugin entry point registers the
+model class, so vLLM needs no other setup.
+
+{card_offline_example(prompt)}
 
 As an OpenAI-compatible server:
 

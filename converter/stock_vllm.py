@@ -25,17 +25,19 @@ from pathlib import Path
 
 from transformers import Qwen2Config
 
-from . import __version__, spec
+from . import spec
 from .errors import ConversionError
 from .plan import DTYPE_NAMES, ConversionPlan
 from .release import LLM_PREFIX, Release
 from .repo_files import (
-    BASE_LLM_REPO,
     PROVENANCE_KEY,
     PUBLISHED_RESULTS,
     ConversionOptions,
     OutputFormat,
-    command_line,
+    card_front_matter,
+    card_offline_example,
+    card_provenance,
+    card_published_results,
     text_config,
 )
 from .tokenizer import check_token_is_new
@@ -119,34 +121,12 @@ def preprocessor_config(release: Release) -> dict:
 
 
 def model_card(release: Release, plan: ConversionPlan, options: ConversionOptions) -> str:
-    model_name, model_repo, results = PUBLISHED_RESULTS[release.layout]
-    lora = release.lora
-    merge = (
-        f"LoRA (rank {lora.rank}, alpha {lora.alpha:g}) merged into Qwen2 as W + (alpha/r)·B·A in fp32, cast once"
-        if lora is not None
-        else "no LoRA in the release: Qwen2 weights as released"
-    )
-    rows = "\n".join(f"| {name} | {value:.2f} |" for name, value in results.items())
+    model_name, model_repo, _ = PUBLISHED_RESULTS[release.layout]
     prompt = spec.transcription_prompt(STOCK_AUDIO_TOKEN).replace("\n", "\\n")
     seconds = chunk_seconds(release)
     max_length = spec.max_fbank_frames(seconds)
     shortest = spec.min_samples_for_one_embedding(release.encoder_downsample_rate)
-    return f"""---
-license: apache-2.0
-pipeline_tag: automatic-speech-recognition
-library_name: vllm
-base_model:
-- {BASE_LLM_REPO}
-- {model_repo}
-language:
-- zh
-- en
-tags:
-- fireredasr
-- vllm
-- speech-recognition
----
-
+    return f"""{card_front_matter(model_repo)}
 # {model_name} for stock vLLM (FireRedASR2ForConditionalGeneration)
 
 [{model_name}](https://huggingface.co/{model_repo}) (Conformer encoder + adapter + Qwen2-7B-Instruct)
@@ -156,22 +136,10 @@ ours at serve time. Weights in {DTYPE_NAMES[plan.dtype]} under the original's na
 `audio_encoder_conf`, the Qwen2 tokenizer with `{STOCK_AUDIO_TOKEN}`, and the fbank + CMVN
 settings of `FireRedASR2FeatureExtractor` in `{PREPROCESSOR_CONFIG}`.
 
-## Published results
-
-Error rates (%) reported by FireRedTeam for the original model (CER unless marked WER):
-
-| test set | {model_name} |
-|---|---|
-{rows}
-
+{card_published_results(release)}
 ## How this repo was made
 
-`{command_line(options)}` (fireredasr-vllm {__version__}) from the original {release.layout} release:
-
-- encoder weights from `{release.encoder_source.path.name}`; adapter downsample rate {release.encoder_downsample_rate};
-- {merge};
-- every tensor in {DTYPE_NAMES[plan.dtype]}, {len(plan.shards)} shard(s), {plan.total_size:,} bytes;
-- `{STOCK_AUDIO_TOKEN}` is token {release.llm.tokenizer.speech_token_id}; the embedding was not resized;
+{card_provenance(release, plan, options, STOCK_AUDIO_TOKEN)};
 - `max_length` = {max_length} fbank frames, the frames of a {seconds} s clip (the longest the original was
   trained on); `chunk_length` = {seconds} s.
 
@@ -185,17 +153,7 @@ Plain vLLM 0.32 (tested), nothing else to install:
 vllm serve path/to/this/repo
 ```
 
-```python
-from vllm import LLM, SamplingParams
-
-llm = LLM(model="path/to/this/repo")
-prompt = "{prompt}"
-outputs = llm.generate(
-    {{"prompt": prompt, "multi_modal_data": {{"audio": (waveform, 16000)}}}},  # float32 mono, 16 kHz
-    SamplingParams(temperature=0.0, max_tokens=256),
-)
-print(outputs[0].outputs[0].text)
-```
+{card_offline_example(prompt)}
 
 The transcription endpoint (`/v1/audio/transcriptions`) is what stock vLLM serves for this
 model; it splits audio longer than {seconds} s into chunks.
