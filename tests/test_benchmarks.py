@@ -49,6 +49,7 @@ def test_serve_benchmark_rejects_a_bad_output_length(serve_benchmark, value):
         serve_benchmark.parse_output_tokens(None, None, value)
 
 
+@pytest.mark.vllm
 def test_serve_benchmark_compares_all_three_backends(tmp_path):
     # Exit 0 also means every backend generated exactly N tokens for every clip.
     result = run_script(

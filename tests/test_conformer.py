@@ -75,7 +75,7 @@ def test_embedding_counts_from_the_facts_table(speech_encoder, num_frames, expec
     assert spec.speech_embedding_count(num_frames) == expected
     features = torch.randn(1, num_frames, 80)
     with torch.no_grad():
-        (embeddings,) = speech_encoder(features, torch.tensor([num_frames]))
+        (embeddings,) = speech_encoder(features, [num_frames])
     assert embeddings.shape == (expected, LLM_HIDDEN)
 
 
@@ -83,8 +83,8 @@ def test_embedding_counts_from_the_facts_table(speech_encoder, num_frames, expec
 def test_a_lone_clip_yields_exactly_ceil_t_over_4_encoder_frames(speech_encoder, num_frames):
     features = torch.randn(1, num_frames, 80)
     with torch.no_grad():
-        hidden, enc_lengths = speech_encoder.encoder(features, torch.tensor([num_frames]))
-    assert enc_lengths.tolist() == [math.ceil(num_frames / 4)] == [spec.encoder_frame_count(num_frames)]
+        hidden, enc_lengths = speech_encoder.encoder(features, [num_frames])
+    assert enc_lengths == [math.ceil(num_frames / 4)] == [spec.encoder_frame_count(num_frames)]
     assert hidden.shape == (1, math.ceil(num_frames / 4), 64)
 
 
@@ -141,16 +141,16 @@ def test_every_clip_in_a_padded_batch_gets_its_batch_size_1_result(speech_encode
     clips = [torch.randn(n, 80, generator=torch.Generator().manual_seed(n)) for n in lengths]
     padded = torch.nn.utils.rnn.pad_sequence(clips, batch_first=True, padding_value=3.0)
     with torch.no_grad():
-        batched = speech_encoder(padded, torch.tensor(lengths))
-        alone = [speech_encoder(clip[None], torch.tensor([clip.shape[0]]))[0] for clip in clips]
-        hidden, enc_lengths = speech_encoder.encoder(padded, torch.tensor(lengths))
+        batched = speech_encoder(padded, lengths)
+        alone = [speech_encoder(clip[None], [clip.shape[0]])[0] for clip in clips]
+        hidden, enc_lengths = speech_encoder.encoder(padded, lengths)
         hidden_alone = [
-            speech_encoder.encoder(clip[None], torch.tensor([clip.shape[0]]))[0][0] for clip in clips
+            speech_encoder.encoder(clip[None], [clip.shape[0]])[0][0] for clip in clips
         ]
     assert [e.shape[0] for e in batched] == [spec.speech_embedding_count(n) for n in lengths]
     for got, expected in zip(batched, alone):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    for row, length, expected in zip(hidden, enc_lengths.tolist(), hidden_alone):
+    for row, length, expected in zip(hidden, enc_lengths, hidden_alone):
         torch.testing.assert_close(row[:length], expected, rtol=0, atol=1e-5)
 
 
@@ -175,7 +175,7 @@ def test_encode_clips_returns_batch_size_1_rows_in_the_given_order(speech_encode
     clips = [torch.randn(n, 80, generator=torch.Generator().manual_seed(n)) for n in lengths]
     with torch.no_grad():
         grouped = speech_encoder.encode_clips(clips)
-        alone = [speech_encoder(clip[None], torch.tensor([clip.shape[0]]))[0] for clip in clips]
+        alone = [speech_encoder(clip[None], [clip.shape[0]])[0] for clip in clips]
     assert len(length_groups(lengths)) > 1
     assert [e.shape[0] for e in grouped] == [spec.speech_embedding_count(n) for n in lengths]
     for got, expected in zip(grouped, alone):
@@ -184,7 +184,7 @@ def test_encode_clips_returns_batch_size_1_rows_in_the_given_order(speech_encode
 
 def test_padded_batch_beyond_the_longest_clip_changes_nothing(speech_encoder):
     clips = torch.randn(2, 50, 80)
-    lengths = torch.tensor([50, 21])
+    lengths = [50, 21]
     with torch.no_grad():
         tight = speech_encoder(clips, lengths)
         loose = speech_encoder(torch.cat([clips, torch.randn(2, 30, 80)], dim=1), lengths)
@@ -196,8 +196,8 @@ def test_bfloat16_weights_run_and_keep_their_dtype(speech_encoder):
     clone = copy.deepcopy(speech_encoder).to(torch.bfloat16)
     features = torch.randn(2, 60, 80)
     with torch.no_grad():
-        low = clone(features, torch.tensor([60, 33]))
-        full = speech_encoder(features, torch.tensor([60, 33]))
+        low = clone(features, [60, 33])
+        full = speech_encoder(features, [60, 33])
     assert [e.dtype for e in low] == [torch.bfloat16] * 2
     for a, b in zip(low, full):
         torch.testing.assert_close(a.float(), b, rtol=0, atol=0.1)
@@ -207,21 +207,121 @@ def test_clips_beyond_the_relative_position_table_are_refused():
     config = FireRedAsrEncoderConfig(**ENCODER, relative_position_max_len=8)
     encoder = randomise(ConformerEncoder(config), seed=2)
     with torch.no_grad():
-        hidden, _ = encoder(torch.randn(1, 32, 80), torch.tensor([32]))  # exactly 8 encoder frames
+        hidden, _ = encoder(torch.randn(1, 32, 80), [32])  # exactly 8 encoder frames
         assert hidden.shape[1] == 8
         with pytest.raises(ValueError, match="9 encoder frames exceed the relative position table's 8"):
-            encoder(torch.randn(1, 33, 80), torch.tensor([33]))
+            encoder(torch.randn(1, 33, 80), [33])
 
 
 @pytest.mark.parametrize(
     ("features", "num_frames", "message"),
     [
-        (torch.randn(2, 10, 80), torch.tensor([10, 0]), r"num_frames must lie in \[1, 10\]"),
-        (torch.randn(2, 10, 80), torch.tensor([11, 3]), r"num_frames must lie in \[1, 10\]"),
-        (torch.randn(2, 10, 40), torch.tensor([10, 3]), r"features must be \[batch, frames, 80\]"),
-        (torch.randn(2, 10, 80), torch.tensor([10]), "one length per clip"),
+        (torch.randn(2, 10, 80), [10, 0], r"num_frames must lie in \[1, 10\]"),
+        (torch.randn(2, 10, 80), [11, 3], r"num_frames must lie in \[1, 10\]"),
+        (torch.randn(2, 10, 40), [10, 3], r"features must be \[batch, frames, 80\]"),
+        (torch.randn(2, 10, 80), [10], "one length per clip"),
     ],
 )
 def test_malformed_inputs_are_refused(speech_encoder, features, num_frames, message):
     with pytest.raises(ValueError, match=message):
         speech_encoder(features, num_frames)
+
+
+def test_every_tensor_is_created_on_the_callers_device_and_dtype():
+    """vLLM builds the towers under its device and dtype and never moves them afterwards."""
+    config = FireRedAsrLlmConfig(
+        encoder_config=ENCODER, text_config={"model_type": "qwen2", "hidden_size": LLM_HIDDEN}
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            tower = SpeechEncoder(config)
+    finally:
+        torch.set_default_dtype(previous)
+    placed = {name: (t.device.type, t.dtype) for name, t in [*tower.named_parameters(), *tower.named_buffers()]}
+    assert "encoder.positional_encoding.pe" in placed
+    assert {name for name, where in placed.items() if where != ("meta", torch.bfloat16)} == set()
+
+
+def test_a_forward_never_reads_a_value_back_from_the_device(speech_encoder):
+    """On the meta device any host sync (`.item()`, `.tolist()`, boolean indexing) raises.
+
+    A forward over meta tensors therefore proves the encoder only launches work:
+    vLLM's asynchronous scheduling keeps going while a GPU encodes.
+    """
+    meta_encoder = copy.deepcopy(speech_encoder).to("meta")
+    lengths = [418, 121, 9, 400]
+    clips = [torch.empty(n, 80, device="meta") for n in lengths]
+    embeddings = meta_encoder.encode_clips(clips, max_clip_frames=418)
+    assert [tuple(e.shape) for e in embeddings] == [(spec.speech_embedding_count(n), LLM_HIDDEN) for n in lengths]
+    assert {e.device.type for e in embeddings} == {"meta"}
+
+
+def test_length_groups_respect_a_padded_frame_cap():
+    lengths = [1000, 990, 980, 970, 960, 500, 490, 10]
+    groups = length_groups(lengths, max_padded_frames=2000)
+    assert [[lengths[i] for i in group] for group in groups] == [
+        [1000, 990], [980, 970], [960], [500, 490], [10]
+    ]  # fmt: skip
+    # A clip longer than the cap still runs, alone.
+    assert length_groups([3000, 2990], max_padded_frames=2000) == [[0], [1]]
+
+
+def test_no_forward_pads_more_frames_than_start_up_profiling_ran(speech_encoder):
+    """vLLM profiles with K clips of the longest length and never schedules more embeddings than those carry."""
+    max_frames = 398  # the longest accepted clip in this test: N = 50
+    per_clip = spec.speech_embedding_count(max_frames)
+    rng = torch.Generator().manual_seed(3)
+    for profiled_clips in (1, 2, 3):
+        # Worst cases for padding: clips just over 3/4 of the longest fill a group.
+        lengths = [int(n) for n in torch.randint(max_frames * 3 // 4, max_frames + 1, (12,), generator=rng)]
+        while sum(spec.speech_embedding_count(n) for n in lengths) > profiled_clips * per_clip:
+            lengths.pop()
+        clips = [torch.randn(n, 80, generator=torch.Generator().manual_seed(n)) for n in lengths]
+        padded_frames = []
+        original_forward = speech_encoder.forward
+
+        def recording_forward(features, num_frames):
+            padded_frames.append(features.shape[0] * features.shape[1])
+            return original_forward(features, num_frames)
+
+        speech_encoder.forward = recording_forward
+        try:
+            with torch.no_grad():
+                capped = speech_encoder.encode_clips(clips, max_clip_frames=max_frames)
+        finally:
+            del speech_encoder.forward
+        assert max(padded_frames) <= profiled_clips * max_frames
+        with torch.no_grad():
+            uncapped = speech_encoder.encode_clips(clips)
+        for got, expected in zip(capped, uncapped):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # The profiling batch itself (K clips of the longest length) is one forward.
+    assert length_groups([max_frames] * 3, max_padded_frames=3 * max_frames) == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 0.02), (torch.float16, 0.004)])
+def test_half_precision_runs_over_the_shortest_and_the_longest_clip(speech_encoder, dtype, tolerance):
+    """bf16 (GPUs >= sm80) and fp16 (vLLM's fallback below sm80) stay finite and near fp32.
+
+    Measured relative errors against fp32: bf16 ~5e-3, fp16 ~6e-4.
+
+    The batch pads the shortest clip with one embedding (5 frames) to 30 s, so the
+    masked rows and the -inf key padding are exercised at their extreme.
+    """
+    lengths = [spec.max_fbank_frames(30.0), spec.fbank_frame_count(spec.min_samples_for_one_embedding())]
+    clips = [torch.randn(n, 80, generator=torch.Generator().manual_seed(n)) for n in lengths]
+    features = torch.nn.utils.rnn.pad_sequence(clips, batch_first=True)
+    low_precision = copy.deepcopy(speech_encoder).to(dtype)
+    with torch.no_grad():
+        hidden, _ = low_precision.encoder(features, lengths)
+        low = low_precision(features, lengths)
+        full = speech_encoder(features, lengths)
+    assert torch.isfinite(hidden).all()  # padded rows included
+    assert [e.shape[0] for e in low] == [spec.speech_embedding_count(n) for n in lengths] == [375, 1]
+    for got, expected in zip(low, full):
+        assert got.dtype == dtype
+        assert torch.isfinite(got).all()
+        relative_error = (got.float() - expected).norm() / expected.norm()
+        assert relative_error < tolerance, f"{dtype}: relative error {relative_error:.2e}"

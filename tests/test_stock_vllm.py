@@ -131,6 +131,7 @@ def audio_token_id(repo: Path) -> int:
 # --- stock vLLM serving the export ------------------------------------------------------
 
 
+@pytest.mark.vllm
 def test_stock_vllm_serves_it_without_the_plugin(stock):
     assert stock["architecture"] == STOCK_ARCHITECTURE
     assert not stock["plugin_registered"] and not stock["plugin_imported"]
@@ -141,6 +142,7 @@ def test_stock_vllm_serves_it_without_the_plugin(stock):
     assert stock["audio_tokens_per_second"] == spec.SAMPLE_RATE // spec.FRAME_SHIFT_SAMPLES
 
 
+@pytest.mark.vllm
 @pytest.mark.parametrize("num_samples", CLIP_SAMPLES)
 def test_greedy_output_matches_reference(num_samples, stock, stock_repo, clips, reference):
     output = stock["solo"][f"solo-{num_samples}"]
@@ -148,12 +150,14 @@ def test_greedy_output_matches_reference(num_samples, stock, stock_repo, clips, 
     assert_matches_reference(output, clips[f"solo-{num_samples}"], reference)
 
 
+@pytest.mark.vllm
 def test_batched_clips_match_reference(stock, clips, reference):
     for num_samples in BATCHED_SAMPLES:
         name = f"batched-{num_samples}"
         assert_matches_reference(stock["batched"][name], clips[name], reference)
 
 
+@pytest.mark.vllm
 def test_stock_gives_a_clip_without_speech_one_embedding(stock, stock_repo):
     # The difference the model card states: the original has N = 0 here, the plugin refuses the clip.
     assert speech_embedding_count(NO_SPEECH_SAMPLES) == 0

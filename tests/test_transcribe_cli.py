@@ -84,6 +84,7 @@ def vllm_run(converted_fp32, wav_scp, tmp_path_factory):
     return completed, output
 
 
+@pytest.mark.vllm
 def test_vllm_backend_transcribes_good_clips_and_reports_bad_ones(vllm_run, expected_text):
     completed, output = vllm_run
     assert completed.returncode == EXIT_PARTIAL, completed.stderr[-3000:]
@@ -99,6 +100,7 @@ def test_vllm_backend_transcribes_good_clips_and_reports_bad_ones(vllm_run, expe
     assert "RTF" in completed.stderr
 
 
+@pytest.mark.vllm
 def test_resume_after_interruption_gives_the_uninterrupted_file(vllm_run, converted_fp32, wav_scp, tmp_path):
     _, complete_output = vllm_run
     data = complete_output.read_bytes()

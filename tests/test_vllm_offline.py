@@ -15,6 +15,7 @@ from vllm.multimodal.audio import resample_audio_pyav
 from vllm_helpers import (
     CPU_ENGINE_ENV,
     ENGINE_KWARGS,
+    MAX_MODEL_LEN,
     NUM_LOGPROBS,
     PARITY_CLIP_SAMPLES,
     assert_top_logprobs_close,
@@ -24,7 +25,10 @@ from vllm_helpers import (
 from fireredasr_converter import spec
 from fireredasr_converter.fixtures import synthetic_speech
 from fireredasr_converter.pipeline import convert
+from fireredasr_vllm.offline import Transcript, stream_transcriptions
 from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
+
+pytestmark = pytest.mark.vllm
 
 
 def start_engine(repo, dtype: str) -> LLM:
@@ -223,3 +227,25 @@ def test_bf16_checkpoint_loads_and_transcribes(tiny_release, tmp_path):
     assert output.prompt_token_ids.count(speech_token_id) == num_embeddings
     assert len(output.outputs[0].token_ids) == num_embeddings
     assert all(np.isfinite(lp.logprob) for step in output.outputs[0].logprobs for lp in step.values())
+
+
+def test_a_clip_vllm_refuses_is_reported_and_the_stream_goes_on(llm, clips):
+    """vLLM's own validation errors (not ValueErrors) belong to their clip, not to the whole stream.
+
+    A prompt padded to ~100 tokens below max_model_len fits the 1-embedding clips
+    but not the 20 s clip's 250 placeholders: vLLM refuses that request alone.
+    """
+    tokenizer = llm.get_tokenizer()
+    instruction = spec.TRANSCRIBE_INSTRUCTION
+    repeats = 1
+    prompt = spec.transcription_prompt()
+    while len(tokenizer.encode(prompt, add_special_tokens=False)) < MAX_MODEL_LEN - 100:
+        repeats += 1
+        prompt = spec.transcription_prompt().replace(instruction, instruction * repeats)
+    shortest, longest = min(PARITY_CLIP_SAMPLES), max(PARITY_CLIP_SAMPLES)
+    stream = [("short", clips[shortest]), ("long", clips[longest]), ("short again", clips[shortest])]
+    results = dict(stream_transcriptions(llm, stream, prompt=prompt, max_new_tokens=1))
+    assert isinstance(results["long"], VLLMValidationError)
+    assert "longer than the maximum model length" in str(results["long"])
+    assert isinstance(results["short"], Transcript) and isinstance(results["short again"], Transcript)
+    assert results["short"].token_ids == results["short again"].token_ids

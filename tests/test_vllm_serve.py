@@ -39,6 +39,8 @@ from fireredasr_converter import spec
 from fireredasr_converter.fixtures import synthetic_speech
 from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
 
+pytestmark = pytest.mark.vllm
+
 STARTUP_TIMEOUT_S = 600
 REQUEST_TIMEOUT_S = 300
 

@@ -8,11 +8,18 @@ Masking follows the first FireRedASR release: a clip of T fbank frames owns the
 first `ceil(T / 4)` encoder frames. In a padded batch the frames beyond that are
 masked as attention keys and zeroed inside the convolution module, so every clip
 gets exactly the encoder output it gets on its own.
+
+Device discipline, for vLLM's GPU runners: every parameter and buffer is created
+on the default device and dtype the caller builds the module under (vLLM builds
+it under its device context and never moves it), and clip lengths travel as
+Python ints, so a forward pass neither moves tensors between devices nor waits
+for the device to read a length back.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +36,12 @@ class RelativePositionalEncoding(nn.Module):
         super().__init__()
         self.max_len = max_len
         # The checkpoint carries this table as a buffer; the weights' copy is what runs.
-        self.register_buffer("pe", spec.relative_position_table(d_model, max_len))
+        # It is computed on the CPU in float32 (the original's arithmetic), then placed
+        # like every parameter: on the default device and dtype of the caller.
+        table = spec.relative_position_table(d_model, max_len)
+        self.register_buffer(
+            "pe", table.to(device=torch.get_default_device(), dtype=torch.get_default_dtype())
+        )
 
     def forward(self, length: int) -> torch.Tensor:
         """Embeddings of relative positions length-1 down to -(length-1): [2*length-1, d]."""
@@ -141,8 +153,11 @@ class RelPositionMultiHeadAttention(nn.Module):
         # scales by 1/sqrt(d_k) and applies the softmax without materialising
         # the scores twice.
         bias = relative_shift(position_scores) * self.scale
+        # The raw [B, H, T, 2T-1] scores are dead from here on; the key padding goes in
+        # in place, so the attention's peak holds one [B, H, T, T] temporary, not three.
+        del position_scores
         if key_bias is not None:
-            bias = bias + key_bias
+            bias += key_bias
         context = F.scaled_dot_product_attention(
             (query + self.pos_bias_u).transpose(1, 2), key, value, attn_mask=bias, scale=self.scale
         )
@@ -175,7 +190,7 @@ class ConformerConvolution(nn.Module):
         if padding is not None:
             # Zeroed padding is what the depthwise kernel of a clip's last frames
             # sees, exactly as the zero padding of a lone clip.
-            out = out.masked_fill(padding, 0.0)
+            out.masked_fill_(padding, 0.0)
         # The pointwise convolutions are linears over channels; applying them
         # time-major avoids two transposes.
         out = F.glu(F.linear(out, self.pointwise_conv1.weight.squeeze(-1)), dim=-1)
@@ -183,7 +198,7 @@ class ConformerConvolution(nn.Module):
         out = F.silu(self.batch_norm(out))
         out = F.linear(out, self.pointwise_conv2.weight.squeeze(-1))
         if padding is not None:
-            out = out.masked_fill(padding, 0.0)
+            out.masked_fill_(padding, 0.0)
         return x + out
 
 
@@ -211,6 +226,18 @@ class RelPosConformerBlock(nn.Module):
         return self.layer_norm(x)
 
 
+def padding_mask(lengths: Sequence[int], width: int, device: torch.device) -> torch.Tensor:
+    """[B, width] bool, True at positions >= each row's length.
+
+    Filled row by row from the Python ints: no length tensor is copied to the device
+    and nothing is read back, so the host never waits for the device here.
+    """
+    mask = torch.zeros(len(lengths), width, dtype=torch.bool, device=device)
+    for row, length in enumerate(lengths):
+        mask[row, length:] = True
+    return mask
+
+
 class ConformerEncoder(nn.Module):
     """Conv2d subsampling (x4) + relative-position Conformer blocks."""
 
@@ -235,36 +262,35 @@ class ConformerEncoder(nn.Module):
         )
 
     def forward(
-        self, features: torch.Tensor, num_frames: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """features [B, T_max, idim] (any padding value), num_frames [B] valid fbank frames.
+        self, features: torch.Tensor, num_frames: Sequence[int]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """features [B, T_max, idim] (any padding value), num_frames: B valid fbank frame counts.
 
-        Returns hidden [B, E_max, d] and enc_lengths [B] = ceil(num_frames / 4);
+        Returns hidden [B, E_max, d] and enc_lengths, B ints = ceil(num_frames / 4);
         rows beyond a clip's enc_length are padding.
         """
         if features.dim() != 3 or features.shape[-1] != self.config.idim:
             raise ValueError(
                 f"features must be [batch, frames, {self.config.idim}], got {tuple(features.shape)}"
             )
-        if num_frames.shape != features.shape[:1]:
+        if len(num_frames) != features.shape[0]:
             raise ValueError(
-                f"num_frames must hold one length per clip ({features.shape[0]}), "
-                f"got shape {tuple(num_frames.shape)}"
+                f"num_frames must hold one length per clip ({features.shape[0]}), got {len(num_frames)}"
             )
-        num_frames = num_frames.to(device=features.device, dtype=torch.long)
-        shortest, longest = (int(n) for n in torch.aminmax(num_frames))
+        num_frames = [int(n) for n in num_frames]
+        shortest, longest = min(num_frames), max(num_frames)
         if shortest < 1 or longest > features.shape[1]:
             raise ValueError(
                 f"num_frames must lie in [1, {features.shape[1]}] (the padded length), "
                 f"got values from {shortest} to {longest}"
             )
-        enc_lengths = spec.encoder_frame_count(num_frames)
+        enc_lengths = [spec.encoder_frame_count(n) for n in num_frames]
         pos_emb = self.positional_encoding(spec.encoder_frame_count(longest))
 
         features = features[:, :longest].to(self.input_preprocessor.out.weight.dtype)
         key_bias = padding = None
         if shortest != longest:
-            frame_padding = torch.arange(longest, device=features.device) >= num_frames[:, None]
+            frame_padding = padding_mask(num_frames, longest, features.device)
             features = features.masked_fill(frame_padding.unsqueeze(-1), 0.0)
         # The trailing zero frames make a lone clip of T frames yield exactly
         # ceil(T / 4) encoder frames.
@@ -272,9 +298,7 @@ class ConformerEncoder(nn.Module):
         hidden = self.input_preprocessor(features)
 
         if shortest != longest:
-            encoder_padding = (
-                torch.arange(hidden.shape[1], device=hidden.device) >= enc_lengths[:, None]
-            )
+            encoder_padding = padding_mask(enc_lengths, hidden.shape[1], hidden.device)
             key_bias = torch.zeros(encoder_padding.shape, dtype=hidden.dtype, device=hidden.device)
             key_bias = key_bias.masked_fill(encoder_padding, float("-inf"))[:, None, None, :]
             padding = encoder_padding.unsqueeze(-1)
@@ -310,16 +334,41 @@ class SpeechAdapter(nn.Module):
 MIN_BATCH_FILL = 0.75
 
 
-def length_groups(lengths: list[int], min_fill: float = MIN_BATCH_FILL) -> list[list[int]]:
-    """Indices of `lengths` in groups, longest first, each group's shortest >= min_fill x its longest."""
+def length_groups(
+    lengths: Sequence[int], min_fill: float = MIN_BATCH_FILL, max_padded_frames: int | None = None
+) -> list[list[int]]:
+    """Indices of `lengths` in groups, longest first.
+
+    Each group's shortest is >= min_fill x its longest, and, given
+    `max_padded_frames`, its size x its longest is at most that (a clip longer than
+    the cap goes alone).
+    """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     groups: list[list[int]] = []
     for index in order:
-        if groups and lengths[index] >= min_fill * lengths[groups[-1][0]]:
-            groups[-1].append(index)
-        else:
-            groups.append([index])
+        if groups:
+            longest = lengths[groups[-1][0]]
+            fits = max_padded_frames is None or (len(groups[-1]) + 1) * longest <= max_padded_frames
+            if fits and lengths[index] >= min_fill * longest:
+                groups[-1].append(index)
+                continue
+        groups.append([index])
     return groups
+
+
+def profiled_frame_budget(num_frames: Sequence[int], max_clip_frames: int, downsample_rate: int) -> int:
+    """The padded fbank frames one encoder forward may hold so it never exceeds start-up profiling.
+
+    vLLM profiles the encoder once at start-up with K clips of the longest accepted
+    length (K x max_clip_frames padded frames, K = how many such clips fit its
+    encoder budget and its request limit), and never schedules more speech
+    embeddings in one call than K such clips carry. So a call carrying S embeddings
+    has S // N_max <= K, and capping each forward at max(1, S // N_max) longest
+    clips' worth of frames keeps every run inside what profiling measured.
+    """
+    per_longest_clip = spec.speech_embedding_count(max_clip_frames, downsample_rate)
+    carried = sum(spec.speech_embedding_count(n, downsample_rate) for n in num_frames)
+    return max(1, carried // max(1, per_longest_clip)) * max_clip_frames
 
 
 class SpeechEncoder(nn.Module):
@@ -335,34 +384,38 @@ class SpeechEncoder(nn.Module):
             config.encoder_downsample_rate,
         )
 
-    def forward(self, features: torch.Tensor, num_frames: torch.Tensor) -> list[torch.Tensor]:
-        """features [B, T_max, idim], num_frames [B] -> B tensors [N_i, llm_hidden].
+    def forward(self, features: torch.Tensor, num_frames: Sequence[int]) -> list[torch.Tensor]:
+        """features [B, T_max, idim], num_frames: B ints -> B tensors [N_i, llm_hidden].
 
         N_i = spec.speech_embedding_count(num_frames[i]); each clip's rows equal
         its batch-size-1 rows.
         """
         hidden, _ = self.encoder(features, num_frames)
-        counts = spec.speech_embedding_count(num_frames.to(hidden.device), self.downsample_rate)
+        counts = [spec.speech_embedding_count(int(n), self.downsample_rate) for n in num_frames]
         # Only whole frame groups of each clip reach the adapter: packing them
         # clip after clip keeps every group inside its clip and skips padding.
-        used = (
-            torch.arange(hidden.shape[1], device=hidden.device)
-            < (counts * self.downsample_rate)[:, None]
-        )
-        embeddings = self.encoder_projector(hidden[used])
-        return list(embeddings.split(counts.tolist()))
+        used = torch.cat([rows[: count * self.downsample_rate] for rows, count in zip(hidden, counts)])
+        return list(self.encoder_projector(used).split(counts))
 
-    def encode_clips(self, clips: list[torch.Tensor]) -> list[torch.Tensor]:
+    def encode_clips(
+        self, clips: Sequence[torch.Tensor], max_clip_frames: int | None = None
+    ) -> list[torch.Tensor]:
         """Clips [T_i, idim] of any lengths -> [N_i, llm_hidden] each, in the order given.
 
         Clips of similar length are batched together (`length_groups`) so that little
         of the encoder's work is padding; every clip still gets its batch-size-1 rows.
+        With `max_clip_frames` (the longest clip the front-end accepts), no forward
+        pads more frames than `profiled_frame_budget` allows.
         """
+        lengths = [clip.shape[0] for clip in clips]
+        budget = (
+            None
+            if max_clip_frames is None
+            else profiled_frame_budget(lengths, max_clip_frames, self.downsample_rate)
+        )
         embeddings: list[torch.Tensor | None] = [None] * len(clips)
-        for group in length_groups([clip.shape[0] for clip in clips]):
-            members = [clips[i] for i in group]
-            features = nn.utils.rnn.pad_sequence(members, batch_first=True)
-            num_frames = torch.tensor([clip.shape[0] for clip in members], device=features.device)
-            for index, rows in zip(group, self(features, num_frames)):
+        for group in length_groups(lengths, max_padded_frames=budget):
+            features = nn.utils.rnn.pad_sequence([clips[i] for i in group], batch_first=True)
+            for index, rows in zip(group, self(features, [lengths[i] for i in group])):
                 embeddings[index] = rows
         return embeddings

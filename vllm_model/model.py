@@ -272,6 +272,10 @@ class FireRedAsrLlmForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
         super().__init__()
         config: FireRedAsrLlmConfig = vllm_config.model_config.hf_config
         self.config = config
+        # Start-up profiling runs the encoder on clips of this length; see `_encode_speech`.
+        self.max_clip_frames = spec.max_fbank_frames(
+            get_feature_extractor(vllm_config.model_config).max_audio_seconds
+        )
 
         with self._mark_tower_model(vllm_config, "audio"):
             self.speech_encoder = SpeechEncoder(config)
@@ -295,8 +299,11 @@ class FireRedAsrLlmForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
 
     def _encode_speech(self, audio_input: FireRedAsrAudioFeatures) -> tuple[torch.Tensor, ...]:
         # Batched by similar length, the padding masked: each clip gets its
-        # batch-size-1 embeddings, N rows each.
-        return tuple(self.speech_encoder.encode_clips(list(audio_input["input_features"])))
+        # batch-size-1 embeddings, N rows each. No forward pads more frames than
+        # vLLM's start-up memory profiling ran, so a busy server cannot run out of
+        # the memory profiling reserved for the encoder.
+        clips = list(audio_input["input_features"])
+        return tuple(self.speech_encoder.encode_clips(clips, max_clip_frames=self.max_clip_frames))
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         audio_input = self._parse_and_validate_audio_input(**kwargs)

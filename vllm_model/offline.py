@@ -29,6 +29,18 @@ DEFAULT_MAX_IN_FLIGHT = 64
 Key = TypeVar("Key", bound=Hashable)
 
 
+def request_errors() -> tuple[type[Exception], ...]:
+    """What one request can be refused with, while the engine goes on serving the others.
+
+    The processor's ValueErrors (bad audio, a prompt without <speech>) and vLLM's
+    own client errors (e.g. a prompt longer than max_model_len), which in vLLM 0.32
+    and 0.33 are not ValueErrors. Imported on use: vLLM is slow to import.
+    """
+    from vllm.exceptions import VLLMClientError
+
+    return (ValueError, VLLMClientError)
+
+
 @dataclass(frozen=True)
 class Transcript:
     text: str
@@ -142,7 +154,7 @@ def stream_transcriptions(
                     # Rendered as `LLM.generate` renders it; the engine then takes our request id.
                     (engine_input,) = llm.renderer.render_cmpl([transcription_request(waveform, sampling_rate, prompt)])
                     engine.add_request(request_id, engine_input, greedy_params(limit, ignore_eos=ignore_eos))
-                except ValueError as error:  # vLLM's validation errors are ValueErrors
+                except request_errors() as error:
                     yield key, error
                     continue
                 in_flight[request_id] = key
@@ -186,7 +198,7 @@ def beam_search_transcriptions(
                 [transcription_request(waveform, sampling_rate)],
                 BeamSearchParams(beam_width=beam_size, max_tokens=limit),
             )
-        except ValueError as error:
+        except request_errors() as error:
             yield key, error
             continue
         best = output.sequences[0]

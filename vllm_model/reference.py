@@ -176,8 +176,7 @@ class ReferenceFireRedAsrLlm:
     def speech_embeddings(self, waveform: AudioClip, sampling_rate: int = spec.SAMPLE_RATE) -> torch.Tensor:
         """The N speech embeddings of one clip: [N, hidden] in the model's dtype."""
         features = self.features(waveform, sampling_rate).to(self.device)
-        num_frames = torch.tensor([features.shape[0]], device=self.device)
-        return self.speech_encoder(features[None], num_frames)[0]
+        return self.speech_encoder(features[None], [features.shape[0]])[0]
 
     @torch.inference_mode()
     def prompt_embeds(
