@@ -23,7 +23,9 @@ after another), and the ratios against the reference.
 
     python benchmarks/serve.py --scale tiny
     python benchmarks/serve.py --scale medium            # LLM-L shapes scaled by 1/8 (CPU: a few minutes)
-    python benchmarks/serve.py --scale llm-l --dtype bf16  # the real shapes, on a GPU
+    python benchmarks/serve.py --scale quarter --clips 32 # LLM-L's proportions, every size x 1/4 (the CPU figure)
+    python benchmarks/serve.py --scale llm-l --dtype bfloat16  # the real shapes, on a GPU
+    python benchmarks/serve.py --backends plugin-eager,plugin-compiled  # vLLM's eager vs compiled engine
 
 Exit status 1 when a backend fails or generates another number of tokens than asked.
 """
@@ -60,10 +62,19 @@ enable_stock_processor_without_torchvision()
 SCALES = {
     "tiny": TINY_SHAPES,
     # Qwen2: 4 layers, hidden 896, 7 heads; Conformer: 2 layers, d_model 128. Vocabulary as the real one.
+    # Rounding to whole heads shrinks the encoder ~800-fold but the LLM ~110-fold.
     "medium": scaled_shapes(LLM_L_SHAPES, 1 / 8),
+    # LLM-L's proportions: every depth and width of both towers x 1/4 (Conformer 4 layers x 320,
+    # Qwen2 7 layers x 896, 7 heads / 1 KV head), so the encoder's share of the work is the real one's.
+    # Vocabulary as the real one.
+    "quarter": scaled_shapes(LLM_L_SHAPES, 1 / 4),
     "llm-l": LLM_L_SHAPES,
 }
-BACKENDS = ("reference", "plugin", "stock")
+# `plugin` runs with fireredasr_vllm.offline.create_engine's defaults; the two variants force
+# vLLM's eager mode (no torch.compile, no CUDA graphs) or its compiled mode.
+PLUGIN_VARIANTS = {"plugin": {}, "plugin-eager": {"enforce_eager": True}, "plugin-compiled": {"enforce_eager": False}}
+BACKENDS = ("reference", *PLUGIN_VARIANTS, "stock")
+DEFAULT_BACKENDS = ("reference", "plugin", "stock")
 MIN_SECONDS, MAX_SECONDS = 1.0, 20.0
 RESULT_MARKER = "BENCHMARK_RESULT "
 TARGET_SPEEDUP = 5.0
@@ -97,6 +108,14 @@ def parse_output_tokens(context, param, value: str) -> int | None:
     if value.isdigit() and int(value) > 0:
         return int(value)
     raise click.BadParameter(f"expected 'n' (each clip's speech embedding count) or a positive integer, got {value!r}")
+
+
+def parse_backends(context, param, value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BACKENDS]
+    if unknown or not names:
+        raise click.BadParameter(f"expected a comma-separated subset of {', '.join(BACKENDS)}, got {value!r}")
+    return [name for name in BACKENDS if name in names]
 
 
 # --- workers (one process per backend) ----------------------------------------
@@ -155,7 +174,13 @@ def run_reference(
 
 
 def run_vllm(
-    repo: Path, clips: list[np.ndarray], output_tokens: int | None, dtype: str, latency_clips: int, prompt: str | None
+    repo: Path,
+    clips: list[np.ndarray],
+    output_tokens: int | None,
+    dtype: str,
+    latency_clips: int,
+    prompt: str | None,
+    engine_kwargs: dict,
 ) -> dict:
     from fireredasr_vllm.offline import create_engine, stream_transcriptions
 
@@ -172,7 +197,7 @@ def run_vllm(
     start = time.perf_counter()
     # No prefix or processor caching: the latency pass decodes clips the throughput pass
     # has seen, and each must cost what a new clip costs.
-    llm = create_engine(repo, dtype=dtype, seed=0, enable_prefix_caching=False, mm_processor_cache_gb=0)
+    llm = create_engine(repo, dtype=dtype, seed=0, enable_prefix_caching=False, mm_processor_cache_gb=0, **engine_kwargs)
     load_seconds = time.perf_counter() - start
     try:
         decode_all(clips[:1])  # warm-up
@@ -197,7 +222,7 @@ def run_backend(
         result = run_reference(repo, clips, output_tokens, dtype, latency_clips)
     else:
         prompt = spec.transcription_prompt(STOCK_AUDIO_TOKEN) if backend == "stock" else None
-        result = run_vllm(repo, clips, output_tokens, dtype, latency_clips, prompt)
+        result = run_vllm(repo, clips, output_tokens, dtype, latency_clips, prompt, PLUGIN_VARIANTS.get(backend, {}))
     print(RESULT_MARKER + json.dumps(result), flush=True)
 
 
@@ -243,7 +268,7 @@ def summarise(result: dict, audio_seconds: float) -> dict:
 
 def print_table(rows: dict[str, dict]) -> None:
     reference = rows.get("reference")
-    header = f"{'backend':<10} {'load s':>7} {'utt/s':>8} {'RTFx':>8} {'p50 s':>7} {'p95 s':>7}  vs reference (utt/s, p50)"
+    header = f"{'backend':<16} {'load s':>7} {'utt/s':>8} {'RTFx':>8} {'p50 s':>7} {'p95 s':>7}  vs reference (utt/s, p50)"
     print(header)
     print("-" * len(header))
     for name, row in rows.items():
@@ -251,15 +276,18 @@ def print_table(rows: dict[str, dict]) -> None:
         if reference is not None and name != "reference":
             ratios = f"  {row['utt_per_s'] / reference['utt_per_s']:.2f}x, {reference['p50_s'] / row['p50_s']:.2f}x"
         print(
-            f"{name:<10} {row['load_s']:7.1f} {row['utt_per_s']:8.2f} {row['rtfx']:8.1f} "
+            f"{name:<16} {row['load_s']:7.1f} {row['utt_per_s']:8.2f} {row['rtfx']:8.1f} "
             f"{row['p50_s']:7.3f} {row['p95_s']:7.3f}{ratios}"
         )
-    if "plugin" in rows and "stock" in rows:
-        plugin, stock = rows["plugin"], rows["stock"]
-        print(
-            f"plugin vs stock: {plugin['utt_per_s'] / stock['utt_per_s']:.2f}x utt/s, "
-            f"{stock['p50_s'] / plugin['p50_s']:.2f}x p50 latency"
-        )
+    pairs = [(variant, "stock") for variant in PLUGIN_VARIANTS]
+    pairs.append(("plugin-compiled", "plugin-eager"))
+    for name, baseline in pairs:
+        if name in rows and baseline in rows:
+            row, base = rows[name], rows[baseline]
+            print(
+                f"{name} vs {baseline}: {row['utt_per_s'] / base['utt_per_s']:.2f}x utt/s, "
+                f"{base['p50_s'] / row['p50_s']:.2f}x p50 latency"
+            )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -273,28 +301,28 @@ def print_table(rows: dict[str, dict]) -> None:
                    "(the original's limit), or a fixed number.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]),
               help="[default: float32 on CPU, bfloat16 on a GPU]")
-@click.option("--backends", default=",".join(BACKENDS), show_default=True, help="Comma-separated subset to run.")
+@click.option("--backends", "selected", default=",".join(DEFAULT_BACKENDS), show_default=True,
+              callback=parse_backends, help=f"Comma-separated, from {', '.join(BACKENDS)}.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Clip durations and weights.")
 @click.option("--workdir", type=click.Path(path_type=Path, file_okay=False),
               help="Keep the release and conversions here (default: a temporary folder, removed afterwards).")
 @click.option("--worker", "worker_backend", type=click.Choice(BACKENDS), hidden=True)
 @click.option("--repo", type=click.Path(path_type=Path), hidden=True)
 @click.option("--durations", hidden=True)
-def main(scale, num_clips, latency_clips, output_tokens, dtype, backends, seed, workdir, worker_backend, repo,
+def main(scale, num_clips, latency_clips, output_tokens, dtype, selected, seed, workdir, worker_backend, repo,
          durations):
     """Throughput and latency of the vLLM plugin, the reference and stock vLLM on the same model and clips."""
     if worker_backend is not None:
         clip_seconds = [float(d) for d in durations.split(",")]
         run_backend(worker_backend, repo, clip_seconds, output_tokens, dtype, latency_clips)
         return
-    sys.exit(compare(scale, num_clips, latency_clips, output_tokens, dtype, backends, seed, workdir))
+    sys.exit(compare(scale, num_clips, latency_clips, output_tokens, dtype, selected, seed, workdir))
 
 
-def compare(scale, num_clips, latency_clips, output_tokens, dtype, backends, seed, workdir) -> int:
+def compare(scale, num_clips, latency_clips, output_tokens, dtype, selected, seed, workdir) -> int:
     import torch
 
     dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
-    selected = [b for b in BACKENDS if b in backends.split(",")]
     shapes = SCALES[scale]
     clip_seconds = clip_durations(num_clips, seed)
     audio_seconds = sum(clip_seconds)
@@ -311,7 +339,7 @@ def compare(scale, num_clips, latency_clips, output_tokens, dtype, backends, see
             build_release(release_dir, shapes, seed=seed)
         release = release_dir / "FireRedASR-LLM-L"
         repos = {"reference": folder / f"plugin-{scale}-{converter_dtype}"}
-        repos["plugin"] = repos["reference"]
+        repos.update(dict.fromkeys(PLUGIN_VARIANTS, repos["reference"]))
         if not repos["plugin"].exists():
             convert(release, repos["plugin"], dtype=converter_dtype)
         repos["stock"] = folder / f"stock-{scale}-{converter_dtype}"

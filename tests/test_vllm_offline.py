@@ -249,3 +249,26 @@ def test_a_clip_vllm_refuses_is_reported_and_the_stream_goes_on(llm, clips):
     assert "longer than the maximum model length" in str(results["long"])
     assert isinstance(results["short"], Transcript) and isinstance(results["short again"], Transcript)
     assert results["short"].token_ids == results["short again"].token_ids
+
+
+def test_compiled_engine_gives_the_eager_and_reference_tokens(converted_fp32, clips, one_at_a_time, reference):
+    """GPUs run vLLM's compiled language model (torch.compile, CUDA graphs); the suite's other engines run eager.
+
+    A compiled CPU engine goes through the same compilation of the plugin's
+    forward and must decode exactly what the eager engine and the reference do.
+    """
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in CPU_ENGINE_ENV.items():
+            env.setenv(name, value)
+        compiled = LLM(model=str(converted_fp32), dtype="float32", **{**ENGINE_KWARGS, "enforce_eager": False})
+    try:
+        assert not compiled.llm_engine.model_config.enforce_eager
+        requests = [transcription_request(waveform) for waveform in clips.values()]
+        params = [greedy(num_samples) for num_samples in clips]
+        outputs = compiled.generate(requests, params, use_tqdm=False)
+    finally:
+        stop_engine(compiled)
+    for (num_samples, waveform), output in zip(clips.items(), outputs):
+        token_ids = list(output.outputs[0].token_ids)
+        assert token_ids == list(one_at_a_time[num_samples].outputs[0].token_ids), num_samples
+        assert token_ids == reference.greedy_with_logprobs(waveform, num_logprobs=1).token_ids, num_samples

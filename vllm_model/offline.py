@@ -182,7 +182,8 @@ def beam_search_transcriptions(
 
     vLLM's beam search takes one `max_tokens` for all prompts it is given, so each
     clip goes alone to keep the original's per-clip limit. Its length penalty
-    divides by the whole sequence length, prompt included, unlike transformers'
+    divides by the whole sequence length, prompt included, in vLLM 0.32 and by the
+    generated length in 0.33, and its hypothesis bookkeeping is not transformers'
     (see docs/parity.md), so results can differ from the reference's beam search.
     """
     from vllm.sampling_params import BeamSearchParams
