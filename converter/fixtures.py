@@ -19,6 +19,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -186,6 +187,62 @@ class _RandomTensor(NamedTuple):
         return math.prod(self.shape)
 
 
+@dataclass(frozen=True)
+class ReleaseWeights:
+    """Given tensors for a release in place of random ones (a trained model).
+
+    `model`: model.pth.tar's state dict by its names (`encoder.*` without the
+    derived `encoder.positional_encoding.pe`, `encoder_projector.*`, the LoRA
+    tensors); `llm`: the Qwen2 folder's tensors by Hugging Face names;
+    `cmvn_stats`: Kaldi CMVN statistics (2 x 81) of the training features.
+    """
+
+    model: Mapping[str, torch.Tensor]
+    llm: Mapping[str, torch.Tensor]
+    cmvn_stats: np.ndarray
+
+
+class _TensorValues:
+    """Where a release's tensor values come from: random draws, or `ReleaseWeights`.
+
+    Decoy AED weights (namespace "aed") are always random. Every given tensor
+    must be used exactly where its name and shape say (`check_all_used`).
+    """
+
+    def __init__(self, seed: int, given: ReleaseWeights | None):
+        self.seed = seed
+        self.given = given
+        self.used: set[tuple[str, str]] = set()
+
+    def value(self, t: _RandomTensor, namespace: str, dtype: torch.dtype) -> torch.Tensor:
+        if self.given is None or namespace == "aed":
+            return t.materialize(self.seed, namespace, dtype)
+        table_name = "llm" if namespace == "llm" else "model"
+        table = getattr(self.given, table_name)
+        if t.name not in table:
+            raise ValueError(f"the given {table_name} weights lack {t.name} {t.shape}")
+        value = table[t.name]
+        if tuple(value.shape) != t.shape:
+            raise ValueError(f"given {table_name} tensor {t.name} has shape {tuple(value.shape)}, expected {t.shape}")
+        self.used.add((table_name, t.name))
+        return value.detach().to(device="cpu", dtype=dtype).contiguous()
+
+    def cmvn_stats(self) -> np.ndarray:
+        return _cmvn_stats(self.seed) if self.given is None else np.asarray(self.given.cmvn_stats, dtype=np.float64)
+
+    def check_all_used(self) -> None:
+        if self.given is None:
+            return
+        unused = sorted(
+            f"{table_name}:{name}"
+            for table_name in ("model", "llm")
+            for name in getattr(self.given, table_name)
+            if (table_name, name) not in self.used
+        )
+        if unused:
+            raise ValueError(f"given tensors that the release at these shapes has no place for: {unused[:5]}")
+
+
 # Trained-looking magnitudes: weights ~ N(0, 1/fan_in) keep activations at unit
 # scale through every layer; norms near 1 and small biases keep a forward pass
 # finite in fp32 and bf16 while every parameter still changes the result.
@@ -250,18 +307,18 @@ def _conformer_block(prefix: str, shapes: ReleaseShapes) -> list[_RandomTensor]:
     return tensors
 
 
-def _encoder_state_dict(shapes: ReleaseShapes, seed: int, namespace: str) -> dict[str, torch.Tensor]:
+def _encoder_state_dict(shapes: ReleaseShapes, values: _TensorValues, namespace: str) -> dict[str, torch.Tensor]:
     """Every `encoder.*` tensor of the original ConformerEncoder, in its state-dict order."""
     channels = _SUBSAMPLING_CHANNELS
     subsampled_idim = ((shapes.idim - 1) // 2 - 1) // 2
     stem = _conv("encoder.input_preprocessor.conv.0", channels, 1, (3, 3), bias=True)
     stem += _conv("encoder.input_preprocessor.conv.2", channels, channels, (3, 3), bias=True)
     stem += _linear("encoder.input_preprocessor.out", shapes.encoder_dim, channels * subsampled_idim)
-    state = {t.name: t.materialize(seed, namespace, torch.float32) for t in stem}
+    state = {t.name: values.value(t, namespace, torch.float32) for t in stem}
     state["encoder.positional_encoding.pe"] = spec.relative_position_table(shapes.encoder_dim)
     for layer in range(shapes.encoder_layers):
         for t in _conformer_block(f"encoder.layer_stack.{layer}", shapes):
-            state[t.name] = t.materialize(seed, namespace, torch.float32)
+            state[t.name] = values.value(t, namespace, torch.float32)
     return state
 
 
@@ -351,30 +408,31 @@ def _asr_encoder_args(shapes: ReleaseShapes) -> argparse.Namespace:
     )
 
 
-def _write_model_checkpoint(path: Path, shapes: ReleaseShapes, seed: int, encoder_source: str) -> None:
+def _write_model_checkpoint(path: Path, shapes: ReleaseShapes, values: _TensorValues, encoder_source: str) -> None:
     args = _model_args(encoder_source)
     state: dict[str, torch.Tensor] = {}
     if encoder_source == "model":
-        state.update(_encoder_state_dict(shapes, seed, "encoder"))
+        state.update(_encoder_state_dict(shapes, values, "encoder"))
     # Module order of the original FireRedAsrLlm: encoder, llm (LoRA), encoder_projector.
     for t in _lora_tensors(shapes) + _adapter_tensors(shapes, args.encoder_downsample_rate):
-        state[t.name] = t.materialize(seed, "model", torch.float32)
+        state[t.name] = values.value(t, "model", torch.float32)
     torch.save({"args": args, "model_state_dict": state}, path)
 
 
 def _write_asr_encoder_checkpoint(
-    path: Path, shapes: ReleaseShapes, seed: int, encoder_source: str, asr_encoder_weights: bool
+    path: Path, shapes: ReleaseShapes, values: _TensorValues, encoder_source: str, asr_encoder_weights: bool
 ) -> None:
     package: dict[str, object] = {"args": _asr_encoder_args(shapes)}
     if encoder_source == "asr_encoder" or asr_encoder_weights:
         # The LLM's encoder when model.pth.tar has none; otherwise decoy AED weights
         # that a converter must not pick.
         namespace = "encoder" if encoder_source == "asr_encoder" else "aed"
-        state = _encoder_state_dict(shapes, seed, namespace)
+        state = _encoder_state_dict(shapes, values, namespace)
         embedding = _RandomTensor("decoder.tgt_word_emb.weight", (AED_VOCAB_SIZE, shapes.encoder_dim), _SMALL)
-        state[embedding.name] = embedding.materialize(seed, namespace, torch.float32)
+        # The AED decoder's tensors are never given: the LLM release does not use them.
+        state[embedding.name] = embedding.materialize(values.seed, namespace, torch.float32)
         for t in _layer_norm("decoder.layer_norm_out", shapes.encoder_dim):
-            state[t.name] = t.materialize(seed, namespace, torch.float32)
+            state[t.name] = t.materialize(values.seed, namespace, torch.float32)
         state["decoder.tgt_word_prj.weight"] = state[embedding.name]  # tied in the AED
         package["model_state_dict"] = state
     torch.save(package, path)
@@ -451,7 +509,7 @@ def _partition(tensors: list[_RandomTensor], parts: int, itemsize: int) -> list[
 
 
 def _write_safetensors_streaming(
-    path: Path, tensors: list[_RandomTensor], seed: int, namespace: str, dtype: torch.dtype
+    path: Path, tensors: list[_RandomTensor], values: _TensorValues, namespace: str, dtype: torch.dtype
 ) -> None:
     """Write a safetensors file one tensor at a time.
 
@@ -473,7 +531,7 @@ def _write_safetensors_streaming(
         f.write(header_bytes)
         for t in tensors:
             # Tensor memory is little-endian on every platform torch supports, as safetensors stores it.
-            f.write(t.materialize(seed, namespace, dtype).view(torch.uint8).numpy().data)
+            f.write(values.value(t, namespace, dtype).view(torch.uint8).numpy().data)
 
 
 def _qwen2_shards(shapes: ReleaseShapes, dtype: torch.dtype, shards: int) -> dict[str, list[_RandomTensor]]:
@@ -487,10 +545,10 @@ def _qwen2_shards(shapes: ReleaseShapes, dtype: torch.dtype, shards: int) -> dic
 
 
 def _write_qwen2_weights(
-    llm_dir: Path, shards: dict[str, list[_RandomTensor]], seed: int, dtype: torch.dtype
+    llm_dir: Path, shards: dict[str, list[_RandomTensor]], values: _TensorValues, dtype: torch.dtype
 ) -> None:
     for filename, tensors in shards.items():
-        _write_safetensors_streaming(llm_dir / filename, tensors, seed, "llm", dtype)
+        _write_safetensors_streaming(llm_dir / filename, tensors, values, "llm", dtype)
     if len(shards) > 1:
         itemsize = torch.empty((), dtype=dtype).element_size()
         weight_map = {t.name: filename for filename, tensors in shards.items() for t in tensors}
@@ -590,7 +648,11 @@ _TOKENIZER_CORPUS = (
 _RESERVED_TOKEN = "<reserved_{}>"
 
 
-def _build_tokenizer(bpe_vocab_size: int) -> Tokenizer:
+def build_tokenizer(bpe_vocab_size: int, extra_corpus: Sequence[str] = ()) -> Tokenizer:
+    """The release's Qwen2-style byte-level BPE tokenizer, trained on the built-in corpus plus `extra_corpus`.
+
+    Deterministic: the same arguments give the same vocabulary and ids.
+    """
     tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -608,7 +670,7 @@ def _build_tokenizer(bpe_vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tokenizer.train_from_iterator(_TOKENIZER_CORPUS, trainer)
+    tokenizer.train_from_iterator([*_TOKENIZER_CORPUS, *extra_corpus], trainer)
 
     trained = json.loads(tokenizer.to_str())
     vocab = trained["model"]["vocab"]
@@ -633,9 +695,9 @@ _CHAT_TEMPLATE = (
 )
 
 
-def _write_tokenizer(llm_dir: Path, bpe_vocab_size: int) -> dict[str, int]:
+def _write_tokenizer(llm_dir: Path, bpe_vocab_size: int, extra_corpus: Sequence[str]) -> dict[str, int]:
     """Write Qwen2's tokenizer files; returns the special tokens' ids."""
-    tokenizer = _build_tokenizer(bpe_vocab_size)
+    tokenizer = build_tokenizer(bpe_vocab_size, extra_corpus)
     tokenizer.save(str(llm_dir / "tokenizer.json"))
     tokenizer.model.save(str(llm_dir))  # vocab.json and merges.txt
     special_ids = {token: tokenizer.token_to_id(token) for token in spec.QWEN2_SPECIAL_TOKENS}
@@ -674,13 +736,18 @@ def _write_json(path: Path, content: dict) -> None:
 
 
 def _write_qwen2_folder(
-    llm_dir: Path, shapes: ReleaseShapes, seed: int, dtype: torch.dtype, shards: dict[str, list[_RandomTensor]]
+    llm_dir: Path,
+    shapes: ReleaseShapes,
+    values: _TensorValues,
+    dtype: torch.dtype,
+    shards: dict[str, list[_RandomTensor]],
+    tokenizer_corpus: Sequence[str],
 ) -> None:
     llm_dir.mkdir()
-    special_ids = _write_tokenizer(llm_dir, shapes.bpe_vocab_size)
+    special_ids = _write_tokenizer(llm_dir, shapes.bpe_vocab_size, tokenizer_corpus)
     _write_json(llm_dir / "config.json", _qwen2_config(shapes, dtype, special_ids))
     _write_json(llm_dir / "generation_config.json", _qwen2_generation_config(special_ids))
-    _write_qwen2_weights(llm_dir, shards, seed, dtype)
+    _write_qwen2_weights(llm_dir, shards, values, dtype)
 
 
 # --- the release --------------------------------------------------------------------------
@@ -696,8 +763,10 @@ def build_release(
     asr_encoder_weights: bool = False,
     llm_dtype: torch.dtype = torch.bfloat16,
     llm_shards: int = 2,
+    weights: ReleaseWeights | None = None,
+    tokenizer_corpus: Sequence[str] = (),
 ) -> ReleaseFixture:
-    """Write a FireRedASR-LLM release with random weights under `dest`.
+    """Write a FireRedASR-LLM release under `dest`: random weights, or the given `weights`.
 
     v1: `dest/FireRedASR-LLM-L/` with a relative symlink `Qwen2-7B-Instruct ->
     ../Qwen2-7B-Instruct` and the real Qwen2 folder beside it, as the original
@@ -708,6 +777,9 @@ def build_release(
     "asr_encoder" leaves it out there (freeze_encoder=1) and stores it in
     `asr_encoder.pth.tar`. asr_encoder_weights=True gives `asr_encoder.pth.tar`
     decoy AED weights (different from the LLM's encoder) in the "model" case.
+    `weights` (a trained model) replaces every random tensor and the CMVN
+    statistics; `tokenizer_corpus` is text the tokenizer learns merges from, on
+    top of the built-in corpus.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
@@ -727,14 +799,16 @@ def build_release(
             raise FileExistsError(f"{path} already exists; build the release in an empty destination")
     model_dir.mkdir(parents=True)
 
-    _write_model_checkpoint(model_dir / "model.pth.tar", shapes, seed, encoder_source)
-    _write_asr_encoder_checkpoint(model_dir / "asr_encoder.pth.tar", shapes, seed, encoder_source, asr_encoder_weights)
-    stats = _cmvn_stats(seed)
+    values = _TensorValues(seed, weights)
+    _write_model_checkpoint(model_dir / "model.pth.tar", shapes, values, encoder_source)
+    _write_asr_encoder_checkpoint(model_dir / "asr_encoder.pth.tar", shapes, values, encoder_source, asr_encoder_weights)
+    stats = values.cmvn_stats()
     (model_dir / "cmvn.ark").write_bytes(_kaldi_binary_matrix(stats))
     (model_dir / "cmvn.txt").write_text(_kaldi_text_matrix(stats))
     (model_dir / "config.yaml").write_text("")
 
-    _write_qwen2_folder(llm_dir, shapes, seed, llm_dtype, shards)
+    _write_qwen2_folder(llm_dir, shapes, values, llm_dtype, shards, tokenizer_corpus)
+    values.check_all_used()
     if variant == "v1":
         os.symlink(Path("..") / QWEN2_DIR, model_dir / QWEN2_DIR, target_is_directory=True)
     return ReleaseFixture(

@@ -19,6 +19,7 @@ from fireredasr_converter.fixtures import (
     LLM_L_SHAPES,
     TINY_SHAPES,
     ReleaseShapes,
+    ReleaseWeights,
     build_release,
     scaled_shapes,
     synthetic_speech,
@@ -406,6 +407,55 @@ def test_same_seed_same_release_other_seed_other_weights(v1_release, v1_package,
     assert (again.model_dir / "cmvn.ark").read_bytes() == (v1_release.model_dir / "cmvn.ark").read_bytes()
 
 
+def given_weights_of(release, package) -> ReleaseWeights:
+    """A written release's own tensors and statistics, as `ReleaseWeights` (what a trainer hands over)."""
+    model = {k: v for k, v in package["model_state_dict"].items() if k != "encoder.positional_encoding.pe"}
+    stats = read_kaldi_binary_matrix((release.model_dir / "cmvn.ark").read_bytes())
+    return ReleaseWeights(model=model, llm=read_safetensors(release.llm_dir), cmvn_stats=stats)
+
+
+def test_given_weights_replace_every_random_tensor(v1_release, v1_package, tmp_path):
+    """A trained model goes through the same writer: a release of given tensors holds exactly those."""
+    given = given_weights_of(v1_release, v1_package)
+    # Another seed: nothing random may remain.
+    written = build_release(tmp_path / "given", SHAPES, seed=5, weights=given)
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        assert (written.llm_dir / shard).read_bytes() == (v1_release.llm_dir / shard).read_bytes()
+    state = load_package(written.model_dir / "model.pth.tar")["model_state_dict"]
+    assert state.keys() == v1_package["model_state_dict"].keys()
+    assert all(torch.equal(state[k], v) for k, v in v1_package["model_state_dict"].items())
+    assert (written.model_dir / "cmvn.ark").read_bytes() == (v1_release.model_dir / "cmvn.ark").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("drop", "the given model weights lack encoder_projector.linear1.weight"),
+        ("reshape", r"given llm tensor lm_head.weight has shape \(1, "),
+        ("extra", "no place for: \\['model:encoder.unused'\\]"),
+    ],
+)
+def test_given_weights_that_do_not_fit_are_refused(v1_release, v1_package, tmp_path, damage, message):
+    given = given_weights_of(v1_release, v1_package)
+    model, llm = dict(given.model), dict(given.llm)
+    if damage == "drop":
+        del model["encoder_projector.linear1.weight"]
+    elif damage == "reshape":
+        llm["lm_head.weight"] = llm["lm_head.weight"][:1]
+    else:
+        model["encoder.unused"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=message):
+        build_release(tmp_path / damage, SHAPES, weights=ReleaseWeights(model, llm, given.cmvn_stats))
+
+
+def test_tokenizer_corpus_makes_its_words_single_tokens(tmp_path):
+    words = ["zebrafinch", " zebrafinch", "鹦鹉"]
+    assert any(len(fixtures.build_tokenizer(SHAPES.bpe_vocab_size).encode(w).ids) > 1 for w in words)
+    release = build_release(tmp_path / "corpus", SHAPES, tokenizer_corpus=words * 32)
+    tokenizer = AutoTokenizer.from_pretrained(release.llm_dir)
+    assert [len(tokenizer.encode(w, add_special_tokens=False)) for w in words] == [1, 1, 1]
+
+
 # --- tokenizer ------------------------------------------------------------------------------
 
 
@@ -447,7 +497,7 @@ def test_tokenizer_config_is_qwen2_like(v1_release, qwen2_tokenizer):
 
 
 def test_large_vocabulary_puts_specials_where_qwen2_has_them():
-    tokenizer = fixtures._build_tokenizer(LLM_L_SHAPES.bpe_vocab_size)
+    tokenizer = fixtures.build_tokenizer(LLM_L_SHAPES.bpe_vocab_size)
     assert [tokenizer.token_to_id(t) for t in QWEN2_SPECIALS] == [151643, 151644, 151645]
     assert tokenizer.get_vocab_size() == 151646
     text = "请转写音频为文字 and some English"
