@@ -1,0 +1,96 @@
+"""The long-recording segmenter: VAD regions -> model-sized segments with little padding."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fireredasr_converter import spec
+from fireredasr_vllm.segmenter import (
+    VAD_WINDOW,
+    Segment,
+    SegmenterSettings,
+    plan_segments,
+    segment,
+    speech_regions,
+    split_at_quietest,
+)
+
+SETTINGS = SegmenterSettings()
+MIN_SAMPLES = spec.min_samples_for_one_embedding()
+WINDOWS_PER_SECOND = spec.SAMPLE_RATE / VAD_WINDOW
+
+
+def windows(seconds: float) -> int:
+    return round(seconds * WINDOWS_PER_SECOND)
+
+
+def vad_track(spans: list[tuple[float, float]], total_seconds: float) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities 0.9 inside the speech spans and 0.05 outside; energies 1e-2 and 1e-8."""
+    probabilities = np.full(windows(total_seconds), 0.05)
+    energies = np.full(windows(total_seconds), 1e-8)
+    for start, end in spans:
+        probabilities[windows(start) : windows(end)] = 0.9
+        energies[windows(start) : windows(end)] = 1e-2
+    return probabilities, energies
+
+
+def plan(spans, total_seconds, settings=SETTINGS) -> list[Segment]:
+    probabilities, energies = vad_track(spans, total_seconds)
+    return plan_segments(probabilities, energies, int(total_seconds * spec.SAMPLE_RATE), settings, MIN_SAMPLES)
+
+
+def test_regions_need_the_threshold_to_start_and_a_long_enough_pause_to_end():
+    probabilities = np.array([0.1, 0.6, 0.4, 0.2, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.9])
+    settings = SegmenterSettings(min_silence_seconds=0.1, min_speech_seconds=0.05)  # 3 and 2 windows
+    # 0.4 stays above the hysteresis level 0.35; one 0.2 window is too short a pause; the
+    # last speech window at the end is too short a region.
+    assert speech_regions(probabilities, settings) == [(1, 6)]
+
+
+def test_a_long_run_is_cut_at_its_quietest_window_in_each_pieces_second_half():
+    energies = np.ones(100)
+    energies[[10, 30, 62, 80]] = [1e-6, 0.1, 0.01, 1e-6]
+    # Pieces of at most 40 windows: the first cut is searched in [20, 40) (window 10 is
+    # quieter but would leave a short piece), the next in [50, 70); the rest fits.
+    assert split_at_quietest((0, 100), energies, 40) == [(0, 30), (30, 62), (62, 100)]
+
+
+def test_neighbours_merge_up_to_the_limit_and_silence_is_left_out():
+    # Two words 0.4 s apart merge; 5 s of silence is not sent to the model.
+    segments = plan([(1.0, 2.0), (2.4, 3.0), (8.0, 9.0)], 12.0)
+    pad = int(SETTINGS.padding_seconds * spec.SAMPLE_RATE)
+    edge = lambda seconds: windows(seconds) * VAD_WINDOW  # noqa: E731 (speech edges fall on VAD windows)
+    assert [(s.start, s.end) for s in segments] == [
+        (edge(1.0) - pad, edge(3.0) + pad),
+        (edge(8.0) - pad, edge(9.0) + pad),
+    ]
+
+
+def test_segments_stay_within_the_limit_never_overlap_and_are_long_enough():
+    # 70 s of speech with 0.5 s pauses every 4 s, a blip of 0.3 s, and speech up to the end.
+    spans = [(t, t + 3.5) for t in np.arange(0.5, 70.0, 4.0)] + [(75.0, 75.3), (78.0, 80.0)]
+    segments = plan(spans, 80.0)
+    max_samples = SETTINGS.max_seconds * spec.SAMPLE_RATE
+    assert all(MIN_SAMPLES <= s.num_samples <= max_samples for s in segments)
+    assert all(a.end <= b.start for a, b in zip(segments, segments[1:]))
+    assert segments[-1].end == 80 * spec.SAMPLE_RATE  # padding stops at the end of the audio
+    assert len(segments) >= 3  # 70 s of speech needs at least three segments
+
+
+def test_one_unbroken_run_longer_than_the_limit_is_split():
+    segments = plan([(0.0, 75.0)], 75.0)
+    assert len(segments) == 3
+    assert all(s.num_samples <= SETTINGS.max_seconds * spec.SAMPLE_RATE for s in segments)
+    assert segments[0].start == 0 and segments[-1].end == 75 * spec.SAMPLE_RATE
+    assert all(a.end == b.start for a, b in zip(segments, segments[1:]))  # cut inside speech: no gap, no overlap
+
+
+# --- with the real VAD ---------------------------------------------------------------------
+
+
+def test_silence_and_noise_give_no_segments():
+    rng = np.random.default_rng(1)
+    silence = np.zeros(20 * spec.SAMPLE_RATE, dtype=np.float32)
+    noise = (0.02 * rng.standard_normal(20 * spec.SAMPLE_RATE)).astype(np.float32)
+    assert list(segment(silence)) == []
+    assert list(segment(noise)) == []
