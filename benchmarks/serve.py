@@ -182,7 +182,7 @@ def run_vllm(
     prompt: str | None,
     engine_kwargs: dict,
 ) -> dict:
-    from fireredasr_vllm.offline import create_engine, stream_transcriptions
+    from fireredasr_vllm.offline import create_engine, shutdown_engine, stream_transcriptions
 
     def decode_all(batch: list[np.ndarray]) -> list[int]:
         generated = [0] * len(batch)
@@ -210,7 +210,7 @@ def run_vllm(
             decode_all([clip])
             latencies.append(time.perf_counter() - clip_start)
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_engine(llm)
     return {"load_s": load_seconds, "batch_wall_s": wall, "latencies_s": latencies, "generated": generated}
 
 

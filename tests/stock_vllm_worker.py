@@ -74,6 +74,7 @@ def main(job_path: Path, result_path: Path) -> None:
             "batched": {name: summary(output) for name, output in zip(job["batched"], batched_outputs)},
         }
     finally:
+        # Not fireredasr_vllm.offline.shutdown_engine: this process must not import the plugin's package.
         llm.llm_engine.engine_core.shutdown()
     result_path.write_text(json.dumps(result))
 

@@ -9,44 +9,32 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from vllm import LLM, SamplingParams
+from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.multimodal.audio import resample_audio_pyav
 from vllm_helpers import (
-    CPU_ENGINE_ENV,
-    ENGINE_KWARGS,
     MAX_MODEL_LEN,
     NUM_LOGPROBS,
     PARITY_CLIP_SAMPLES,
     assert_top_logprobs_close,
     speech_embedding_count,
+    start_engine,
 )
 
 from fireredasr_converter import spec
 from fireredasr_converter.fixtures import synthetic_speech
 from fireredasr_converter.pipeline import convert
-from fireredasr_vllm.offline import Transcript, stream_transcriptions
+from fireredasr_vllm.offline import Transcript, shutdown_engine, stream_transcriptions
 from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
 
 pytestmark = pytest.mark.vllm
-
-
-def start_engine(repo, dtype: str) -> LLM:
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in CPU_ENGINE_ENV.items():
-            env.setenv(name, value)
-        return LLM(model=str(repo), dtype=dtype, **ENGINE_KWARGS)
-
-
-def stop_engine(llm: LLM) -> None:
-    llm.llm_engine.engine_core.shutdown()
 
 
 @pytest.fixture(scope="module")
 def llm(converted_fp32):
     engine = start_engine(converted_fp32, "float32")
     yield engine
-    stop_engine(engine)
+    shutdown_engine(engine)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +210,7 @@ def test_bf16_checkpoint_loads_and_transcribes(tiny_release, tmp_path):
             use_tqdm=False,
         )[0]
     finally:
-        stop_engine(engine)
+        shutdown_engine(engine)
     speech_token_id = engine.get_tokenizer().convert_tokens_to_ids(spec.SPEECH_TOKEN)
     assert output.prompt_token_ids.count(speech_token_id) == num_embeddings
     assert len(output.outputs[0].token_ids) == num_embeddings
@@ -257,17 +245,14 @@ def test_compiled_engine_gives_the_eager_and_reference_tokens(converted_fp32, cl
     A compiled CPU engine goes through the same compilation of the plugin's
     forward and must decode exactly what the eager engine and the reference do.
     """
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in CPU_ENGINE_ENV.items():
-            env.setenv(name, value)
-        compiled = LLM(model=str(converted_fp32), dtype="float32", **{**ENGINE_KWARGS, "enforce_eager": False})
+    compiled = start_engine(converted_fp32, "float32", enforce_eager=False)
     try:
         assert not compiled.llm_engine.model_config.enforce_eager
         requests = [transcription_request(waveform) for waveform in clips.values()]
         params = [greedy(num_samples) for num_samples in clips]
         outputs = compiled.generate(requests, params, use_tqdm=False)
     finally:
-        stop_engine(compiled)
+        shutdown_engine(compiled)
     for (num_samples, waveform), output in zip(clips.items(), outputs):
         token_ids = list(output.outputs[0].token_ids)
         assert token_ids == list(one_at_a_time[num_samples].outputs[0].token_ids), num_samples

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from fireredasr_converter import spec
 
@@ -18,6 +19,16 @@ ENGINE_KWARGS = {
     "gpu_memory_utilization": 0.2,
     "seed": 0,
 }
+
+def start_engine(repo, dtype: str, **overrides):
+    """An in-process vLLM engine on a converted repo, with the CPU settings above."""
+    from vllm import LLM
+
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in CPU_ENGINE_ENV.items():
+            env.setenv(name, value)
+        return LLM(model=str(repo), dtype=dtype, **{**ENGINE_KWARGS, **overrides})
+
 
 # Clip lengths in samples at 16 kHz. Together they cover every residue of the fbank
 # frame count T mod 4 (the encoder's ceil(T / 4) rounds differently for each), the

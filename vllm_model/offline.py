@@ -62,6 +62,11 @@ def create_engine(model: str | Path, *, dtype: str = "auto", max_model_len: int 
     return LLM(model=str(model), **settings)
 
 
+def shutdown_engine(llm) -> None:
+    """End the engine core and its worker processes now rather than at interpreter exit."""
+    llm.llm_engine.engine_core.shutdown()
+
+
 def transcription_request(
     waveform: np.ndarray, sampling_rate: int = spec.SAMPLE_RATE, prompt: str | None = None
 ) -> dict:

@@ -276,8 +276,9 @@ class VllmBackend:
         )
 
     def close(self) -> None:
-        # Ends the engine core and workers now rather than at interpreter exit.
-        self.llm.llm_engine.engine_core.shutdown()
+        from fireredasr_vllm.offline import shutdown_engine
+
+        shutdown_engine(self.llm)
 
     def transcribe(self, clips, *, beam_size: int, max_new_tokens: int | None, batch_size: int):
         from fireredasr_vllm.offline import beam_search_transcriptions, stream_transcriptions
