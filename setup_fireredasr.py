@@ -2,7 +2,7 @@
 
     python setup_fireredasr.py ./FireRedASR-LLM-L ./out     # check, link Qwen2, convert, verify, transcribe, serve command
     python setup_fireredasr.py ./FireRedASR-LLM-L ./out --llm-dir /data/Qwen2-7B-Instruct
-    python setup_fireredasr.py --demo ./demo                # the same on a tiny built-in release (random weights)
+    python setup_fireredasr.py --demo ./demo                # the same on the built-in demo model (digit strings)
 
 The Qwen2-7B-Instruct folder is found as the release's `Qwen2-7B-Instruct` link or
 folder; when the link is missing or broken, next to the release (the original
@@ -11,8 +11,13 @@ the script asks before it repairs the link, and asks for the folder when it find
 none; otherwise it uses what it found without touching the release, or the folder
 given with `--llm-dir` (`--llm-dir -` reads the path from stdin).
 
-Thin: it calls the library functions behind `fireredasr-convert` and
-`fireredasr-transcribe`.
+`--demo` runs the whole flow on the demo model this project ships
+(`fireredasr_vllm.demo`: a tiny FireRedASR-LLM trained here on digit strings read
+in English and Mandarin) and transcribes its held-out clips, printing each
+reference, hypothesis and the error rate.
+
+Thin: it calls the library functions behind `fireredasr-convert`,
+`fireredasr-transcribe` and `fireredasr-score`.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from pathlib import Path
 import click
 
 from fireredasr_converter.errors import ConversionError
-from fireredasr_converter.fixtures import TINY_SHAPES, build_release, synthetic_speech
+from fireredasr_converter.fixtures import synthetic_speech
 from fireredasr_converter.pipeline import convert
 from fireredasr_converter.release import CMVN_FILE, ENCODER_CHECKPOINT, MODEL_CHECKPOINT, QWEN2_FOLDER
+from fireredasr_vllm import demo
 from fireredasr_vllm.offline import DEFAULT_MAX_MODEL_LEN
 
 SMOKE_CLIP_SECONDS = (1, 3, 5)
@@ -131,22 +137,45 @@ def serve_command(out: Path) -> str:
     return f"vllm serve {out}"
 
 
-def smoke_transcription(out: Path, dtype: str) -> list[str]:
-    from fireredasr_vllm.offline import create_engine, transcribe
+def transcribe_with_vllm(out: Path, dtype: str, clips: list) -> list[str]:
+    from fireredasr_vllm.offline import create_engine, shutdown_engine, transcribe
 
     llm = create_engine(out, dtype=dtype)
     try:
-        clips = [synthetic_speech(seconds * 16000, seed=seconds) for seconds in SMOKE_CLIP_SECONDS]
         return transcribe(llm, clips)
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_engine(llm)
+
+
+def smoke_transcription(out: Path, dtype: str) -> None:
+    clips = [synthetic_speech(seconds * 16000, seed=seconds) for seconds in SMOKE_CLIP_SECONDS]
+    for seconds, text in zip(SMOKE_CLIP_SECONDS, transcribe_with_vllm(out, dtype, clips)):
+        click.echo(f"  {seconds} s: {text!r}")
+
+
+def demo_transcription(out: Path, dtype: str) -> None:
+    """The demo model's held-out clips through vLLM: reference, hypothesis and the error rate."""
+    from fireredasr_vllm.scoring import score
+    from fireredasr_vllm.transcribe import load_audio
+
+    heldout = demo.heldout_clips()
+    texts = transcribe_with_vllm(out, dtype, [load_audio(str(path)) for _, path, _ in heldout])
+    for (uttid, _, reference), text in zip(heldout, texts):
+        click.echo(f"  {uttid}  ref: {reference}\n  {' ' * len(uttid)}  hyp: {text}")
+    report = score({u: r for u, _, r in heldout}, {u: t for (u, _, _), t in zip(heldout, texts)})
+    total = report.total
+    click.echo(
+        f"  held-out error rate {total.error_rate:.2f}% ({total.errors} errors in {total.reference_tokens} "
+        f"words/characters; English scored by words, Mandarin by characters)"
+    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("release", required=False, type=click.Path(path_type=Path))
 @click.argument("out", required=False, type=click.Path(path_type=Path))
 @click.option("--demo", "demo_dir", type=click.Path(path_type=Path),
-              help="Build a tiny release (random weights) in this folder and run the whole flow on it.")
+              help="Run the whole flow on the built-in demo model (converted into this folder) and "
+                   "transcribe its held-out clips.")
 @click.option("--llm-dir", type=click.Path(path_type=Path),
               help="The Qwen2-7B-Instruct folder, if the release's link is missing or broken ('-': read the path from stdin).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
@@ -157,11 +186,7 @@ def main(release, out, demo_dir, llm_dir, dtype, overwrite, skip_smoke):
     if demo_dir is not None:
         if release or out:
             raise click.UsageError("--demo takes its folder only; leave RELEASE and OUT out")
-        fixture_dir = demo_dir / "release"
-        if not fixture_dir.exists():
-            click.echo(f"building a tiny FireRedASR-LLM-L release in {fixture_dir}")
-            build_release(fixture_dir, TINY_SHAPES, variant="v1")
-        release, out, dtype, overwrite = fixture_dir / "FireRedASR-LLM-L", demo_dir / "converted", "fp32", True
+        release, out, dtype, overwrite = demo.RELEASE_DIR, demo_dir / "converted", "fp32", True
     elif release is None or out is None:
         raise click.UsageError("give RELEASE and OUT, or --demo DIR")
 
@@ -184,12 +209,12 @@ def main(release, out, demo_dir, llm_dir, dtype, overwrite, skip_smoke):
 
     if skip_smoke:
         click.echo("[4/5] smoke transcription skipped (--skip-smoke)")
+    elif demo_dir is not None:
+        click.echo(f"[4/5] transcribing the demo model's {len(demo.heldout_clips())} held-out clips with vLLM")
+        demo_transcription(out, VLLM_DTYPES[dtype])
     else:
         click.echo(f"[4/5] smoke transcription with vLLM ({len(SMOKE_CLIP_SECONDS)} synthetic clips)")
-        for seconds, text in zip(SMOKE_CLIP_SECONDS, smoke_transcription(out, VLLM_DTYPES[dtype])):
-            click.echo(f"  {seconds} s: {text!r}")
-        if demo_dir is not None:
-            click.echo("  (random weights: the transcripts are arbitrary tokens)")
+        smoke_transcription(out, VLLM_DTYPES[dtype])
     click.echo(f"[5/5] serve it with:\n  {serve_command(out)}")
     click.echo(f"or transcribe files with:\n  fireredasr-transcribe --model {out} --wav-scp wav.scp --output text")
 
