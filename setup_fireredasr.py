@@ -153,12 +153,11 @@ def smoke_transcription(out: Path, dtype: str) -> None:
         click.echo(f"  {seconds} s: {text!r}")
 
 
-def demo_transcription(out: Path, dtype: str) -> None:
+def demo_transcription(out: Path, dtype: str, heldout: list[tuple[str, Path, str]]) -> None:
     """The demo model's held-out clips through vLLM: reference, hypothesis and the error rate."""
     from fireredasr_vllm.scoring import score
     from fireredasr_vllm.transcribe import load_audio
 
-    heldout = demo.heldout_clips()
     texts = transcribe_with_vllm(out, dtype, [load_audio(str(path)) for _, path, _ in heldout])
     for (uttid, _, reference), text in zip(heldout, texts):
         click.echo(f"  {uttid}  ref: {reference}\n  {' ' * len(uttid)}  hyp: {text}")
@@ -210,8 +209,9 @@ def main(release, out, demo_dir, llm_dir, dtype, overwrite, skip_smoke):
     if skip_smoke:
         click.echo("[4/5] smoke transcription skipped (--skip-smoke)")
     elif demo_dir is not None:
-        click.echo(f"[4/5] transcribing the demo model's {len(demo.heldout_clips())} held-out clips with vLLM")
-        demo_transcription(out, VLLM_DTYPES[dtype])
+        heldout = demo.heldout_clips()
+        click.echo(f"[4/5] transcribing the demo model's {len(heldout)} held-out clips with vLLM")
+        demo_transcription(out, VLLM_DTYPES[dtype], heldout)
     else:
         click.echo(f"[4/5] smoke transcription with vLLM ({len(SMOKE_CLIP_SECONDS)} synthetic clips)")
         smoke_transcription(out, VLLM_DTYPES[dtype])

@@ -18,12 +18,9 @@ HELDOUT_DIR = ASSETS / "heldout"
 
 def heldout_clips() -> list[tuple[str, Path, str]]:
     """(uttid, wav path, reference transcript) of every held-out clip, in `wav.scp` order."""
-    texts = dict(
-        line.split("\t", 1) for line in (HELDOUT_DIR / "text").read_text(encoding="utf-8").splitlines() if line
-    )
-    clips = []
-    for line in (HELDOUT_DIR / "wav.scp").read_text(encoding="utf-8").splitlines():
-        if line:
-            uttid, path = line.split(maxsplit=1)
-            clips.append((uttid, HELDOUT_DIR / path, texts[uttid]))
-    return clips
+    from ..scoring import read_kaldi_text
+    from ..transcribe import read_wav_scp
+
+    texts = read_kaldi_text(HELDOUT_DIR / "text")
+    # The shipped wav.scp lists paths relative to its folder.
+    return [(u.uttid, HELDOUT_DIR / u.path, texts[u.uttid]) for u in read_wav_scp(HELDOUT_DIR / "wav.scp")]
