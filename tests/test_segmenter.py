@@ -6,12 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fireredasr_converter import spec
 from fireredasr_vllm.segmenter import (
     VAD_WINDOW,
     Segment,
     SegmenterSettings,
+    SileroVad,
+    load_vad,
     plan_segments,
     segment,
     speech_regions,
@@ -148,3 +151,17 @@ def test_silence_and_noise_give_no_segments():
     noise = (0.02 * rng.standard_normal(20 * spec.SAMPLE_RATE)).astype(np.float32)
     assert list(segment(silence)) == []
     assert list(segment(noise)) == []
+
+
+def test_the_batched_vad_gives_silero_s_own_per_window_probabilities(recording):
+    audio, _ = recording
+    windows = torch.from_numpy(audio[: 40 * spec.SAMPLE_RATE // VAD_WINDOW * VAD_WINDOW]).view(-1, VAD_WINDOW)
+    silero = load_vad()
+    silero.reset_states()
+    with torch.inference_mode():
+        expected = np.array([float(silero(window, spec.SAMPLE_RATE)) for window in windows])
+    vad = SileroVad()
+    # In two calls of uneven size: the state and context carry over from one to the next.
+    batched = np.concatenate([vad(windows[:555]), vad(windows[555:])])
+    np.testing.assert_allclose(batched, expected, atol=1e-5)
+    assert (expected > 0.5).any() and (expected < 0.1).any()  # the clip holds speech and pauses
