@@ -156,7 +156,7 @@ def smoke_transcription(out: Path, dtype: str) -> None:
 def demo_transcription(out: Path, dtype: str, heldout: list[tuple[str, Path, str]]) -> None:
     """The demo model's held-out clips through vLLM: reference, hypothesis and the error rate."""
     from fireredasr_vllm.scoring import score
-    from fireredasr_vllm.transcribe import load_audio
+    from fireredasr_vllm.audio_input import load_audio
 
     texts = transcribe_with_vllm(out, dtype, [load_audio(str(path)) for _, path, _ in heldout])
     for (uttid, _, reference), text in zip(heldout, texts):

@@ -28,7 +28,7 @@ from fireredasr_vllm.offline import shutdown_engine, stream_transcriptions
 from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
 from fireredasr_vllm.scoring import main as score_main
 from fireredasr_vllm.scoring import score
-from fireredasr_vllm.transcribe import load_audio
+from fireredasr_vllm.audio_input import load_audio
 
 pytestmark = pytest.mark.vllm
 

@@ -20,7 +20,7 @@ from fireredasr_vllm.segmenter import (
     speech_regions,
     split_at_quietest,
 )
-from fireredasr_vllm.transcribe import load_audio
+from fireredasr_vllm.audio_input import load_audio
 
 SETTINGS = SegmenterSettings()
 MIN_SAMPLES = spec.min_samples_for_one_embedding()

@@ -21,14 +21,9 @@ from click.testing import CliRunner
 from fireredasr_converter import spec
 from fireredasr_converter.fixtures import synthetic_speech
 from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
-from fireredasr_vllm.transcribe import (
-    EXIT_PARTIAL,
-    InputError,
-    collect_utterances,
-    kaldi_text,
-    load_audio,
-    main,
-)
+from fireredasr_vllm.audio_input import InputError, collect_utterances, load_audio
+from fireredasr_vllm.transcribe import EXIT_PARTIAL, main
+from fireredasr_vllm.transcript_formats import kaldi_text
 
 # uttid -> (file name, sampling rate, channels, seconds); soundfile picks the format from the extension.
 GOOD_CLIPS = {
@@ -96,7 +91,7 @@ def test_vllm_backend_transcribes_good_clips_and_reports_bad_ones(vllm_run, expe
     skipped = {line.split(":", 1)[0] for line in completed.stderr.splitlines() if line.startswith("skipped ")}
     assert skipped == {f"skipped {uttid}" for uttid in (CORRUPT, TOO_SHORT, MISSING)}
     assert "audio is too short" in completed.stderr
-    assert f"{len(GOOD_CLIPS)} of {len(SCP_ORDER)} utterances are in {output}" in completed.stderr
+    assert f"{len(GOOD_CLIPS)} of {len(SCP_ORDER)} recordings are in {output}" in completed.stderr
     assert "RTF" in completed.stderr
 
 
@@ -116,7 +111,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_file(vllm_run, conver
     )  # fmt: skip
 
     assert result.exit_code == EXIT_PARTIAL, result.output
-    assert f"resuming: 1 of {len(SCP_ORDER)} utterances already in" in result.output
+    assert f"resuming: 1 of {len(SCP_ORDER)} recordings already in" in result.output
     assert interrupted.read_bytes() == data
 
 

@@ -1,15 +1,22 @@
-"""A long recording's transcript and the files it is written as: Kaldi text, JSON lines, SRT, WebVTT.
+"""A recording's transcript and the outputs it is written to: Kaldi text, JSON lines, SRT, WebVTT.
 
 A recording is transcribed segment by segment (`fireredasr_vllm.segmenter`); its
 transcript is the segments' texts joined the way the two languages are written:
-no space between two Chinese characters, one space otherwise.
+no space between two Chinese characters, one space otherwise. `text` and
+`jsonl` are one line per recording in one file (or stdout); `srt` and `vtt` are
+one subtitle file per recording in a folder. Every output knows which
+recordings it already holds, for `--resume`. Does not decide what to transcribe.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
 
 # CJK Unified Ideographs (and extension A), CJK punctuation, full-width forms: written without spaces.
 _CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]")
@@ -45,8 +52,13 @@ def join_texts(texts: list[str]) -> str:
     return joined
 
 
+def kaldi_text(text: str) -> str:
+    """A transcript as one Kaldi `text` field: whitespace runs (newlines included) become one space."""
+    return " ".join(text.split())
+
+
 def kaldi_line(transcript: RecordingTranscript) -> str:
-    return f"{transcript.uttid}\t{transcript.text}\n"
+    return f"{transcript.uttid}\t{kaldi_text(transcript.text)}\n"
 
 
 def jsonl_line(transcript: RecordingTranscript) -> str:
@@ -88,3 +100,68 @@ def vtt(transcript: RecordingTranscript) -> str:
         for cue in _cues(transcript)
     ]
     return "WEBVTT\n\n" + "\n".join(blocks)
+
+
+# --- outputs --------------------------------------------------------------------
+
+LINE_FORMATS = {"text": kaldi_line, "jsonl": jsonl_line}
+SUBTITLE_FORMATS = {"srt": srt, "vtt": vtt}
+FORMATS = (*LINE_FORMATS, *SUBTITLE_FORMATS)
+
+
+def _uttid_of_line(line: str, format: str) -> str | None:
+    if format == "jsonl":
+        try:
+            return json.loads(line)["uttid"]
+        except (ValueError, KeyError, TypeError):
+            return None
+    return line.split(maxsplit=1)[0] if line.strip() else None
+
+
+class LineOutput:
+    """`text` or `jsonl`: one flushed line per recording, to a file or a stream."""
+
+    def __init__(self, format: str, stream: TextIO):
+        self.render = LINE_FORMATS[format]
+        self.stream = stream
+
+    def write(self, transcript: RecordingTranscript) -> None:
+        self.stream.write(self.render(transcript))
+        self.stream.flush()
+
+    @staticmethod
+    def finished(path: Path, format: str) -> set[str]:
+        """Recordings an earlier run wrote to `path`. An unfinished last line (the run was
+        killed while writing it) is cut off the file, so appending continues cleanly."""
+        data = path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        if len(complete) != len(data):
+            with open(path, "r+b") as file:
+                file.truncate(len(complete))
+        lines = complete.decode("utf-8", errors="replace").splitlines()
+        return {uttid for line in lines if (uttid := _uttid_of_line(line, format)) is not None}
+
+
+class SubtitleFolder:
+    """`srt` or `vtt`: one file per recording, `FOLDER/<uttid>.<format>`, each written whole
+    (to a temporary name, then renamed) so a file that exists is complete."""
+
+    def __init__(self, format: str, folder: Path):
+        self.render = SUBTITLE_FORMATS[format]
+        self.format = format
+        self.folder = folder
+
+    def path(self, uttid: str) -> Path:
+        return self.folder / f"{uttid}.{self.format}"
+
+    def write(self, transcript: RecordingTranscript) -> None:
+        target = self.path(transcript.uttid)
+        temporary = target.with_name(f".{target.name}.partial")
+        temporary.write_text(self.render(transcript), encoding="utf-8")
+        os.replace(temporary, target)
+
+    def existing(self, uttids: Iterable[str]) -> set[str]:
+        """Which of `uttids` already have their file; leftovers of an interrupted write are removed."""
+        for leftover in self.folder.glob(f".*.{self.format}.partial"):
+            leftover.unlink()
+        return {uttid for uttid in uttids if self.path(uttid).is_file()}

@@ -19,7 +19,7 @@ HELDOUT_DIR = ASSETS / "heldout"
 def heldout_clips() -> list[tuple[str, Path, str]]:
     """(uttid, wav path, reference transcript) of every held-out clip, in `wav.scp` order."""
     from ..scoring import read_kaldi_text
-    from ..transcribe import read_wav_scp
+    from ..audio_input import read_wav_scp
 
     texts = read_kaldi_text(HELDOUT_DIR / "text")
     # The shipped wav.scp lists paths relative to its folder.
