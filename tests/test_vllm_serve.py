@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import urllib.request
 
@@ -25,7 +26,8 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-from vllm.multimodal.audio import resample_audio_pyav
+from vllm.entrypoints.speech_to_text.base.serving import asr_inter_chunk_separator
+from vllm.multimodal.audio import resample_audio_pyav, split_audio
 from vllm_helpers import (
     CPU_ENGINE_ENV,
     ENGINE_KWARGS,
@@ -36,7 +38,9 @@ from vllm_helpers import (
 )
 
 from fireredasr_converter import spec
+from fireredasr_converter.configuration import FireRedAsrLlmConfig
 from fireredasr_converter.fixtures import synthetic_speech
+from fireredasr_vllm.model import FireRedAsrLlmForConditionalGeneration
 from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
 
 pytestmark = pytest.mark.vllm
@@ -246,7 +250,6 @@ def _wav_with_bad_sample(value: float) -> bytes:
 BAD_TRANSCRIPTIONS = {
     "empty": (wav_bytes(np.zeros(0, dtype=np.float32)), {}, "audio is empty"),
     "too short": (wav_bytes(synthetic_speech(600)), {}, "audio is too short"),
-    "too long": (wav_bytes(synthetic_speech(31 * spec.SAMPLE_RATE)), {}, "audio is too long"),
     "nan": (_wav_with_bad_sample(np.nan), {}, "NaN or infinite"),
     "inf": (_wav_with_bad_sample(np.inf), {}, "NaN or infinite"),
     "text prompt": (SPEECH_WAV, {"prompt": "a custom instruction"}, "leave `prompt` empty"),
@@ -274,3 +277,204 @@ def test_two_audios_in_one_chat_message_return_400(client, model_name, speech_te
         )
     assert error.value.status_code == 400
     assert transcribe(client, model_name, SPEECH_WAV, SPEECH_EMBEDDINGS) == speech_text
+
+
+# Long uploads: vLLM's transcription endpoint splits audio longer than the model's
+# max_audio_seconds (30 s for the fixture) with the model's SpeechToTextConfig.
+
+MAX_CLIP_SAMPLES = 30 * spec.SAMPLE_RATE
+MIN_CLIP_SAMPLES = spec.min_samples_for_one_embedding()
+
+
+@pytest.fixture(scope="module")
+def stt_config(converted_fp32):
+    """The model's SpeechToTextConfig, as the server builds it (no engine needed)."""
+    model_config = types.SimpleNamespace(
+        model=str(converted_fp32),
+        revision=None,
+        hf_config=FireRedAsrLlmConfig.from_pretrained(converted_fp32),
+    )
+    return FireRedAsrLlmForConditionalGeneration.get_speech_to_text_config(model_config, "transcribe")
+
+
+def server_chunks(samples: np.ndarray, config) -> list[np.ndarray]:
+    """The chunks the server cuts an upload into: vLLM's own splitter with the model's config."""
+    return split_audio(
+        audio_data=samples,
+        sample_rate=int(config.sample_rate),
+        max_clip_duration_s=config.max_audio_clip_s,
+        overlap_duration_s=config.overlap_chunk_second,
+        min_energy_window_size=config.min_energy_split_window_size,
+    )
+
+
+def test_long_uploads_are_chunked_at_max_audio_seconds(stt_config):
+    assert stt_config.allow_audio_chunking
+    assert stt_config.max_audio_clip_s == 30
+    assert stt_config.min_energy_split_window_size >= MIN_CLIP_SAMPLES
+
+
+def _quiet_before_each_boundary(num_samples: int, window: int) -> np.ndarray:
+    """Loud noise, except one silent window as late as vLLM's splitter can cut.
+
+    The cut lands at the start of the quietest window ending at or before each
+    30 s boundary; a silent window right before the boundary pulls the cut as
+    late as it can go, which leaves the shortest possible tail.
+    """
+    audio = np.random.default_rng(5).uniform(-0.5, 0.5, num_samples).astype(np.float32)
+    for boundary in range(MAX_CLIP_SAMPLES, num_samples, MAX_CLIP_SAMPLES):
+        audio[boundary - 2 * window : boundary] = 0.0
+    return audio
+
+
+@pytest.mark.parametrize("tail", [1, 320, 1039, 1600], ids=["1-sample", "20ms", "min-1", "100ms"])
+@pytest.mark.parametrize("signal", ["speech", "silence", "quiet-at-boundary"])
+def test_vllm_splitter_never_leaves_a_chunk_the_processor_refuses(signal, tail, stt_config):
+    # A tail of a few samples past 30 s (or past 60 s) must not become a chunk
+    # shorter than the model's minimum clip, nor may any chunk exceed 30 s.
+    window = stt_config.min_energy_split_window_size
+    for num_samples in (MAX_CLIP_SAMPLES + tail, 2 * MAX_CLIP_SAMPLES + tail):
+        audio = {
+            "speech": lambda: synthetic_speech(num_samples, seed=21),
+            "silence": lambda: np.zeros(num_samples, dtype=np.float32),
+            "quiet-at-boundary": lambda: _quiet_before_each_boundary(num_samples, window),
+        }[signal]()
+        chunks = server_chunks(audio, stt_config)
+        lengths = [chunk.shape[0] for chunk in chunks]
+        assert len(chunks) == num_samples // MAX_CLIP_SAMPLES + 1
+        assert sum(lengths) == num_samples
+        assert min(lengths) > window >= MIN_CLIP_SAMPLES, lengths
+        assert max(lengths) <= MAX_CLIP_SAMPLES, lengths
+        if signal == "quiet-at-boundary":
+            # The case this signal builds did happen: the cut took the silent window.
+            assert MAX_CLIP_SAMPLES - 2 * window <= lengths[0] <= MAX_CLIP_SAMPLES - window
+
+
+@pytest.mark.parametrize(
+    ("language", "separator"),
+    [(None, ""), ("zh", ""), ("en", " ")],
+)
+def test_chunk_texts_are_joined_by_language(language, separator):
+    # vLLM picks the separator from the validated language (and the model's
+    # no-space languages); a request without a language is taken as Chinese.
+    model = FireRedAsrLlmForConditionalGeneration
+    assert asr_inter_chunk_separator(model.validate_language(language), model.no_space_languages) == separator
+
+
+def test_unknown_language_is_refused():
+    with pytest.raises(ValueError, match="Unsupported language"):
+        FireRedAsrLlmForConditionalGeneration.validate_language("not-a-language")
+
+
+LONG_MAX_TOKENS = 6
+
+
+def engine_counters(server) -> tuple[float, float]:
+    """(finished engine requests, prompt tokens) so far, from the server's Prometheus metrics."""
+    with urllib.request.urlopen(f"{server}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+
+    def total(name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{"))
+
+    return total("vllm:request_success_total"), total("vllm:prompt_tokens_total")
+
+
+def assert_engine_ran(server, before: tuple[float, float], chunks: list[np.ndarray], prompt_len: int) -> None:
+    """The server ran one engine request per chunk, each prompt holding that chunk's N placeholders.
+
+    N depends on each chunk's exact length, so this shows the upload was cut
+    exactly where vLLM's splitter with the model's config cuts it.
+    """
+    expected = (
+        before[0] + len(chunks),
+        before[1] + sum(prompt_len - 1 + speech_embedding_count(chunk.shape[0]) for chunk in chunks),
+    )
+    deadline = time.monotonic() + 10
+    while (counters := engine_counters(server)) != expected and time.monotonic() < deadline:
+        time.sleep(0.2)  # the engine's statistics can land just after the response
+    assert counters == expected
+
+
+def test_three_minute_upload_is_transcribed_chunk_by_chunk(server, client, model_name, stt_config, reference):
+    samples = synthetic_speech(180 * spec.SAMPLE_RATE, seed=31)
+    wav = wav_bytes(samples, subtype="FLOAT")
+    chunks = server_chunks(decoded(wav), stt_config)
+    assert len(chunks) >= 6
+
+    before = engine_counters(server)
+    text = transcribe(client, model_name, wav, LONG_MAX_TOKENS)
+    assert_engine_ran(server, before, chunks, len(reference.prompt_token_ids))
+
+    # Each chunk on its own (each under 30 s, so the server sends it whole). The
+    # random-weight fixture's few tokens are often an unfinished UTF-8 character
+    # (empty text), so the separators show even then.
+    chunk_texts = [
+        transcribe(client, model_name, wav_bytes(chunk, subtype="FLOAT"), LONG_MAX_TOKENS) for chunk in chunks
+    ]
+    # No language: joined as Chinese, without spaces; English: with one space.
+    assert text == "".join(chunk_texts)
+    assert transcribe(client, model_name, wav, LONG_MAX_TOKENS, language="en") == " ".join(chunk_texts)
+
+
+def test_upload_with_a_20ms_tail_past_30s_is_transcribed(server, client, model_name, stt_config, reference):
+    wav = wav_bytes(synthetic_speech(MAX_CLIP_SAMPLES + 320, seed=32), subtype="FLOAT")
+    chunks = server_chunks(decoded(wav), stt_config)
+    assert len(chunks) == 2
+
+    before = engine_counters(server)
+    text = transcribe(client, model_name, wav, LONG_MAX_TOKENS)
+    assert isinstance(text, str)
+    assert_engine_ran(server, before, chunks, len(reference.prompt_token_ids))
+
+
+def test_long_silence_returns_200(server, client, model_name, stt_config, reference):
+    # 65 s of digital silence: three chunks. The random-weight fixture writes
+    # arbitrary (here often empty) text even for silence, so only the status,
+    # the type and the engine's work are certain.
+    silence = np.zeros(65 * spec.SAMPLE_RATE, dtype=np.float32)
+    before = engine_counters(server)
+    text = client.audio.transcriptions.create(
+        model=model_name,
+        file=("silence.wav", wav_bytes(silence), "audio/wav"),
+        response_format="text",
+        extra_body={"max_completion_tokens": LONG_MAX_TOKENS},
+    )
+    assert isinstance(text, str)
+    assert_engine_ran(server, before, server_chunks(silence, stt_config), len(reference.prompt_token_ids))
+
+
+def flac_bytes(waveform: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, waveform, spec.SAMPLE_RATE, format="FLAC")
+    return buffer.getvalue()
+
+
+def test_upload_past_vllm_duration_limit_returns_400_naming_the_limit(client, model_name, speech_text):
+    # vLLM refuses audio past VLLM_MAX_AUDIO_DECODE_DURATION_S (600 s) before
+    # decoding it; FLAC keeps 601 s of silence to a few kB.
+    wav = flac_bytes(np.zeros(601 * spec.SAMPLE_RATE, dtype=np.float32))
+    with pytest.raises(openai.BadRequestError, match="600s.*VLLM_MAX_AUDIO_DECODE_DURATION_S") as error:
+        transcribe(client, model_name, wav, 4)
+    assert error.value.status_code == 400
+    assert transcribe(client, model_name, SPEECH_WAV, SPEECH_EMBEDDINGS) == speech_text
+
+
+def test_upload_past_vllm_size_limit_returns_400(client, model_name):
+    # VLLM_MAX_AUDIO_CLIP_FILESIZE_MB (25 MB): refused while reading, before decoding.
+    too_big = b"\0" * (26 * 1024 * 1024)
+    with pytest.raises(openai.BadRequestError, match="Maximum file size exceeded") as error:
+        transcribe(client, model_name, too_big, 4)
+    assert error.value.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("response_format", "message"),
+    [("verbose_json", "do not support verbose_json"), ("srt", "only support response_format"), ("vtt", "only support response_format")],
+)
+def test_timestamped_formats_are_refused(response_format, message, client, model_name):
+    # Segment timestamps come from the CLI (`fireredasr-transcribe --format`), not the server.
+    with pytest.raises(openai.BadRequestError, match=message):
+        client.audio.transcriptions.create(
+            model=model_name, file=("clip.wav", SPEECH_WAV, "audio/wav"), response_format=response_format
+        )
