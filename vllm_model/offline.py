@@ -4,6 +4,11 @@ Shared by the transcription CLI, the setup script and the serving benchmark:
 engine settings that work on CPU and GPU, the one way a clip becomes a request,
 the original's decoding length, and a streaming loop that keeps the engine's
 batch full while handing each transcript back as soon as it is finished.
+
+`transcriptions(llm, clips, Decoding(...))` is the one entry point for every
+decoding mode: greedy (optionally with the original's repetition penalty, as
+a logits processor) and transformers-4.x beam search (`beam_search.py`).
+`ORIGINAL_RECIPE` is the original's published setting.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ DEFAULT_MAX_MODEL_LEN = 1024
 # Requests the streaming loop keeps in the engine at once: enough for vLLM to batch
 # well, few enough that the clips waiting in memory stay small (20 s is 1.3 MB).
 DEFAULT_MAX_IN_FLIGHT = 64
+# Beam search keeps up to beam_size requests per clip in the engine: this many clips
+# at once give about as many requests as greedy's default.
+DEFAULT_BEAM_CLIPS_IN_FLIGHT = 16
 
 Key = TypeVar("Key", bound=Hashable)
 
@@ -48,12 +56,61 @@ class Transcript:
     token_ids: list[int]
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How to decode: the original's `generate` arguments.
+
+    `beam_size` 1 is greedy decoding; `repetition_penalty` is transformers'
+    (generated tokens only, see `repetition_penalty.py`); `length_penalty` only
+    matters for beam search (score = summed log-probabilities / generated
+    length ** length_penalty); `max_new_tokens=None` is the original's per-clip
+    limit N, one token per speech embedding.
+    """
+
+    beam_size: int = 1
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    max_new_tokens: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.beam_size, int) or self.beam_size < 1:
+            raise ValueError(f"beam_size must be an integer of at least 1, got {self.beam_size!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty < float("inf")):
+            raise ValueError(f"repetition_penalty must be a finite number above 0, got {self.repetition_penalty!r}")
+        if not (isinstance(self.length_penalty, (int, float)) and abs(self.length_penalty) < float("inf")):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1 (or None for N), got {self.max_new_tokens}")
+
+    @classmethod
+    def original(cls) -> Decoding:
+        """The original's published recipe: beam 3, repetition penalty 3.0, length penalty 1.0, N tokens at most."""
+        return cls(beam_size=3, repetition_penalty=3.0, length_penalty=1.0)
+
+
+ORIGINAL_RECIPE = Decoding.original()
+GREEDY = Decoding()
+
+
 def create_engine(model: str | Path, *, dtype: str = "auto", max_model_len: int = DEFAULT_MAX_MODEL_LEN, **engine_kwargs):
-    """A vLLM `LLM` for a converted repo, with settings the CPU backend needs when it is the platform."""
+    """A vLLM `LLM` for a converted repo, with settings the CPU backend needs when it is the platform.
+
+    The HF repetition penalty is enabled engine-wide (it acts only on requests
+    that ask for it), and `max_logprobs` leaves room for beam search, whose
+    requests ask for 2 * beam_size + (distinct tokens the beam generated)
+    log-probabilities.
+    """
     from vllm import LLM
     from vllm.platforms import current_platform
 
-    settings = {"dtype": dtype, "max_model_len": max_model_len}
+    from .repetition_penalty import HFRepetitionPenalty
+
+    settings = {
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+        "logits_processors": [HFRepetitionPenalty],
+        "max_logprobs": max_model_len,
+    }
     if current_platform.is_cpu():
         # The CPU backend sizes its KV cache from this variable (GiB) and compiles slowly.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -85,14 +142,20 @@ def default_max_new_tokens(num_samples: int, downsample_rate: int, sampling_rate
     return max(1, spec.speech_embedding_count_for_samples(num_samples_16k, downsample_rate))
 
 
-def greedy_params(max_new_tokens: int, *, ignore_eos: bool = False):
+def greedy_params(max_new_tokens: int, *, ignore_eos: bool = False, repetition_penalty: float = 1.0):
     """Greedy decoding, at most `max_new_tokens` (exactly that many with `ignore_eos`).
 
     Token ids only: the caller decodes them with the repo's tokenizer, as the
-    reference does, so both give the same text.
+    reference does, so both give the same text. A `repetition_penalty` other
+    than 1.0 asks the engine's `HFRepetitionPenalty` logits processor for
+    transformers' penalty (vLLM's own `repetition_penalty` would also penalise
+    the prompt, whose `<|im_end|>` is the stop token); the engine must have
+    been started with that processor (`create_engine` does).
     """
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
+
+    from .repetition_penalty import REQUEST_ARG
 
     return SamplingParams(
         temperature=0.0,
@@ -100,7 +163,22 @@ def greedy_params(max_new_tokens: int, *, ignore_eos: bool = False):
         ignore_eos=ignore_eos,
         detokenize=False,
         output_kind=RequestOutputKind.FINAL_ONLY,
+        extra_args={REQUEST_ARG: float(repetition_penalty)} if repetition_penalty != 1.0 else None,
     )
+
+
+def _check_penalty_processor(llm) -> None:
+    """Refuse a penalty the engine would silently ignore (it was started without the processor)."""
+    ours = {"HFRepetitionPenalty", "HFRepetitionPenaltyV1", "HFRepetitionPenaltyV2"}
+    configured = llm.llm_engine.vllm_config.model_config.logits_processors or []
+    # Entries are classes or "module:Class" / "module.Class" strings.
+    names = {(p if isinstance(p, str) else p.__qualname__).replace(":", ".").rsplit(".", 1)[-1] for p in configured}
+    if not names & ours:
+        raise ValueError(
+            "a repetition penalty needs the engine started with "
+            "logits_processors=[fireredasr_vllm.repetition_penalty.HFRepetitionPenalty] "
+            "(fireredasr_vllm.offline.create_engine does this)"
+        )
 
 
 def _downsample_rate(llm) -> int:
@@ -121,6 +199,7 @@ def stream_transcriptions(
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ignore_eos: bool = False,
     prompt: str | None = None,
+    repetition_penalty: float = 1.0,
 ) -> Iterator[tuple[Key, Transcript | Exception]]:
     """Greedy transcripts in the order they finish, while the engine stays busy.
 
@@ -130,11 +209,14 @@ def stream_transcriptions(
     refuses (e.g. too long) comes back as its exception; the others go on.
     `max_new_tokens=None` is the original's limit, N tokens for N speech embeddings;
     `ignore_eos` makes every clip generate exactly `max_new_tokens` (benchmarks).
+    `repetition_penalty` is transformers' (see `greedy_params`).
     """
     from vllm import RequestOutput
 
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+    if repetition_penalty != 1.0:
+        _check_penalty_processor(llm)
     engine = llm.llm_engine
     # Unique per call: the engine may serve other callers' requests too.
     id_prefix = f"fireredasr-{uuid.uuid4().hex[:8]}-"
@@ -158,7 +240,11 @@ def stream_transcriptions(
                 try:
                     # Rendered as `LLM.generate` renders it; the engine then takes our request id.
                     (engine_input,) = llm.renderer.render_cmpl([transcription_request(waveform, sampling_rate, prompt)])
-                    engine.add_request(request_id, engine_input, greedy_params(limit, ignore_eos=ignore_eos))
+                    engine.add_request(
+                        request_id,
+                        engine_input,
+                        greedy_params(limit, ignore_eos=ignore_eos, repetition_penalty=repetition_penalty),
+                    )
                 except request_errors() as error:
                     yield key, error
                     continue
@@ -210,6 +296,48 @@ def beam_search_transcriptions(
         best = output.sequences[0]
         token_ids = best.tokens[len(best.orig_prompt["prompt_token_ids"]) :]
         yield key, Transcript(decode(llm, token_ids), token_ids)
+
+
+def transcriptions(
+    llm,
+    clips: Iterable[tuple[Key, np.ndarray]],
+    decoding: Decoding = GREEDY,
+    *,
+    max_in_flight: int | None = None,
+    sampling_rate: int = spec.SAMPLE_RATE,
+) -> Iterator[tuple[Key, Transcript | Exception]]:
+    """Transcripts of `(key, waveform)` clips with `decoding`, yielded as `(key, result)` in the order they finish.
+
+    `result` is a `Transcript`, or the exception that refused that clip (the
+    others go on). Clips are pulled lazily. `max_in_flight` bounds what is in
+    the engine at once: requests for greedy decoding (default
+    DEFAULT_MAX_IN_FLIGHT), clips for beam search (default
+    DEFAULT_BEAM_CLIPS_IN_FLIGHT, each with up to `beam_size` requests).
+    Greedy decoding (beam 1) goes through `stream_transcriptions`; beam search
+    through `beam_search.batched_beam_search`, with transformers 4.x semantics.
+    """
+    if decoding.beam_size == 1:
+        yield from stream_transcriptions(
+            llm,
+            clips,
+            sampling_rate=sampling_rate,
+            max_new_tokens=decoding.max_new_tokens,
+            max_in_flight=DEFAULT_MAX_IN_FLIGHT if max_in_flight is None else max_in_flight,
+            repetition_penalty=decoding.repetition_penalty,
+        )
+        return
+    from .beam_search import batched_beam_search
+
+    yield from batched_beam_search(
+        llm,
+        clips,
+        beam_size=decoding.beam_size,
+        repetition_penalty=decoding.repetition_penalty,
+        length_penalty=decoding.length_penalty,
+        max_new_tokens=decoding.max_new_tokens,
+        max_in_flight=DEFAULT_BEAM_CLIPS_IN_FLIGHT if max_in_flight is None else max_in_flight,
+        sampling_rate=sampling_rate,
+    )
 
 
 def transcribe(llm, waveforms: Sequence[np.ndarray], sampling_rate: int = spec.SAMPLE_RATE) -> list[str]:

@@ -8,6 +8,17 @@ which is the original release's reference behaviour:
     prompt tokens with the single <speech> token replaced by those N rows
     -> Qwen2 `generate` (greedy by default, at most N new tokens) -> text
 
+Decoding takes the original's arguments: `num_beams`, `repetition_penalty`,
+`length_penalty`, `max_new_tokens`. Greedy decoding (with or without the
+penalty) is transformers' `generate`, which behaves the same in transformers
+4.x and 5 here. Beam search is the original's transformers 4.x algorithm
+(`BeamSearchScorer` + `_beam_search`, read in 4.46.3), run on the same Qwen2
+model and transformers' own `RepetitionPenaltyLogitsProcessor`: transformers 5
+replaced it with a vectorised beam search that, for `early_stopping=False`,
+decides a clip is done from the best *running* beam instead of the best
+candidate of the step, so it can stop one step earlier than the original and
+return another hypothesis (see `_beam_search_4x`).
+
 Nothing here imports vLLM.
 """
 
@@ -21,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, Qwen2ForCausalLM
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from fireredasr_converter import spec
 from fireredasr_converter.configuration import FireRedAsrLlmConfig, register_with_transformers
@@ -198,6 +210,8 @@ class ReferenceFireRedAsrLlm:
         max_new_tokens: int | None,
         num_beams: int,
         with_logits: bool,
+        repetition_penalty: float = 1.0,
+        length_penalty: float = 1.0,
     ):
         embeds, num_embeddings = self.prompt_embeds(waveform, sampling_rate)
         if max_new_tokens is None:
@@ -205,21 +219,119 @@ class ReferenceFireRedAsrLlm:
             max_new_tokens = max(1, num_embeddings)
         elif max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be at least 1, got {num_beams}")
+        if not repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be greater than 0, got {repetition_penalty}")
+        if num_beams > 1:
+            if with_logits:
+                raise ValueError("per-step logits are only returned for greedy decoding")
+            return self._beam_search_4x(embeds, max_new_tokens, num_beams, float(repetition_penalty), length_penalty)
         generation_config = GenerationConfig(
             max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
+            num_beams=1,
             do_sample=False,
+            min_length=0,
+            # transformers applies it to the logits, for the ids in `input_ids`: with
+            # inputs_embeds only, those are the generated tokens alone, as in the original.
+            repetition_penalty=float(repetition_penalty),
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
             bos_token_id=self.bos_token_id,
             output_logits=with_logits,
             return_dict_in_generate=True,
         )
-        return self.language_model.generate(
+        output = self.language_model.generate(
             inputs_embeds=embeds[None],
             attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long, device=self.device),
             generation_config=generation_config,
         )
+        return output if with_logits else output.sequences[0].tolist()
+
+    def _beam_search_4x(
+        self, embeds: torch.Tensor, max_new_tokens: int, num_beams: int, repetition_penalty: float, length_penalty: float
+    ) -> list[int]:
+        """transformers 4.x `generate(inputs_embeds=..., num_beams=K, early_stopping=False)` for one clip.
+
+        As 4.46.3's `_beam_search` with `BeamSearchScorer` (batch size 1):
+        K copies of the prompt, beam scores [0, -1e9, ...]; each step the
+        float32 log-softmax of the last logits, the repetition penalty on the
+        generated ids (`input_ids` starts empty), plus the beam scores, top 2K
+        over K * vocab; walking them best first an EOS candidate of rank < K
+        becomes a hypothesis scored `sum / (t + 1) ** length_penalty` (t tokens
+        before it), others refill the K beams; done when K hypotheses are kept
+        and the worst of them >= the step's best candidate / (t + 1) **
+        length_penalty; after N tokens the running beams are added with length
+        N. The best hypothesis is returned with EOS appended when shorter than N.
+        """
+        model = self.language_model
+        K = num_beams
+        penalty = RepetitionPenaltyLogitsProcessor(penalty=repetition_penalty) if repetition_penalty != 1.0 else None
+        prompt_len = embeds.shape[0]
+        output = model(
+            inputs_embeds=embeds[None].expand(K, -1, -1),
+            attention_mask=torch.ones(K, prompt_len, dtype=torch.long, device=self.device),
+            use_cache=True,
+        )
+        cache = output.past_key_values
+        input_ids = torch.zeros(K, 0, dtype=torch.long, device=self.device)
+        beam_scores = torch.zeros(K, dtype=torch.float, device=self.device)
+        beam_scores[1:] = -1e9
+        hypotheses: list[tuple[float, list[int]]] = []
+        worst_score = 1e9
+        done = False
+
+        def add(tokens: list[int], sum_logprobs: float, generated_len: int) -> None:
+            nonlocal worst_score
+            score = sum_logprobs / (generated_len**length_penalty)
+            if len(hypotheses) < K or score > worst_score:
+                hypotheses.append((score, tokens))
+                if len(hypotheses) > K:
+                    ranked = sorted((s, i) for i, (s, _) in enumerate(hypotheses))
+                    del hypotheses[ranked[0][1]]
+                    worst_score = ranked[1][0]
+                else:
+                    worst_score = min(score, worst_score)
+
+        while True:
+            scores = torch.log_softmax(output.logits[:, -1, :].float(), dim=-1)
+            if penalty is not None:
+                scores = penalty(input_ids, scores)
+            scores = scores + beam_scores[:, None]
+            vocab = scores.shape[-1]
+            top_scores, top_indices = torch.topk(scores.view(-1), 2 * K, largest=True, sorted=True)
+            cur_len = input_ids.shape[1] + 1
+            next_scores, next_tokens, next_beams = [], [], []
+            for rank, (score, index) in enumerate(zip(top_scores.tolist(), top_indices.tolist())):
+                beam, token = divmod(index, vocab)
+                if token == self.eos_token_id:
+                    if rank < K:
+                        add(input_ids[beam].tolist(), score, cur_len)
+                    continue
+                next_scores.append(score)
+                next_tokens.append(token)
+                next_beams.append(beam)
+                if len(next_beams) == K:
+                    break
+            done = len(hypotheses) >= K and worst_score >= top_scores[0].item() / (cur_len**length_penalty)
+            beam_index = torch.tensor(next_beams, device=self.device)
+            new_tokens = torch.tensor(next_tokens, device=self.device)
+            input_ids = torch.cat([input_ids[beam_index], new_tokens[:, None]], dim=1)
+            beam_scores = torch.tensor(next_scores, dtype=torch.float, device=self.device)
+            if done or input_ids.shape[1] >= max_new_tokens:
+                break
+            cache.reorder_cache(beam_index)
+            output = model(
+                input_ids=new_tokens[:, None],
+                attention_mask=torch.ones(K, prompt_len + input_ids.shape[1], dtype=torch.long, device=self.device),
+                past_key_values=cache,
+                use_cache=True,
+            )
+        if not done:
+            for beam in range(K):
+                add(input_ids[beam].tolist(), beam_scores[beam].item(), input_ids.shape[1])
+        best = sorted(hypotheses, key=lambda h: h[0])[-1][1]
+        return best + [self.eos_token_id] if len(best) < max_new_tokens else best
 
     def generate_ids(
         self,
@@ -228,10 +340,19 @@ class ReferenceFireRedAsrLlm:
         sampling_rate: int = spec.SAMPLE_RATE,
         max_new_tokens: int | None = None,
         num_beams: int = 1,
+        repetition_penalty: float = 1.0,
+        length_penalty: float = 1.0,
     ) -> list[int]:
         """Decode one clip; returns the generated token ids (the prompt is not included)."""
-        output = self._generate(waveform, sampling_rate, max_new_tokens, num_beams, with_logits=False)
-        return output.sequences[0].tolist()
+        return self._generate(
+            waveform,
+            sampling_rate,
+            max_new_tokens,
+            num_beams,
+            with_logits=False,
+            repetition_penalty=repetition_penalty,
+            length_penalty=length_penalty,
+        )
 
     def greedy_with_logprobs(
         self,
@@ -240,9 +361,12 @@ class ReferenceFireRedAsrLlm:
         num_logprobs: int = 5,
         sampling_rate: int = spec.SAMPLE_RATE,
         max_new_tokens: int | None = None,
+        repetition_penalty: float = 1.0,
     ) -> GreedyGeneration:
         """Greedy decoding of one clip with the top `num_logprobs` log-probabilities of every step."""
-        output = self._generate(waveform, sampling_rate, max_new_tokens, num_beams=1, with_logits=True)
+        output = self._generate(
+            waveform, sampling_rate, max_new_tokens, num_beams=1, with_logits=True, repetition_penalty=repetition_penalty
+        )
         logprobs = []
         for step_logits in output.logits:
             values, ids = torch.log_softmax(step_logits[0].float(), dim=-1).topk(num_logprobs)
@@ -255,12 +379,22 @@ class ReferenceFireRedAsrLlm:
         sampling_rate: int = spec.SAMPLE_RATE,
         max_new_tokens: int | None = None,
         num_beams: int = 1,
+        repetition_penalty: float = 1.0,
+        length_penalty: float = 1.0,
     ) -> list[TranscriptionResult]:
-        """Transcribe 16 kHz mono clips in [-1, 1], each on its own (batch size 1)."""
+        """Transcribe 16 kHz mono clips in [-1, 1], each on its own (batch size 1).
+
+        The original's recipe is `num_beams=3, repetition_penalty=3.0, length_penalty=1.0`.
+        """
         results = []
         for waveform in waveforms:
             token_ids = self.generate_ids(
-                waveform, sampling_rate=sampling_rate, max_new_tokens=max_new_tokens, num_beams=num_beams
+                waveform,
+                sampling_rate=sampling_rate,
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                repetition_penalty=repetition_penalty,
+                length_penalty=length_penalty,
             )
             text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
             results.append(TranscriptionResult(text=text, token_ids=token_ids))
