@@ -1,9 +1,22 @@
-"""Session-wide fixtures: one tiny release in the original layout, converted once."""
+"""Session-wide fixtures and builders: one tiny release in the original layout, converted once;
+the shipped demo model, converted once; long recordings made of real speech."""
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
+from fireredasr_converter import spec
 from fireredasr_converter.fixtures import TINY_SHAPES, build_release
 from fireredasr_converter.pipeline import convert
+from fireredasr_vllm import demo
+from fireredasr_vllm.audio_input import load_audio
+
+# Clean espeak-ng readings of digit strings (voices the demo model did not train on),
+# trimmed to their first and last audible sample, made once with
+# `fireredasr_vllm.demo.speech` (plan_utterances(8, 11, HELDOUT_VARIANTS, set(), "clean"),
+# synthesize, trim_silence, write_kaldi_set).
+CLEAN_SPEECH = Path(__file__).resolve().parent / "data" / "clean_speech"
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +31,37 @@ def converted_fp32(tiny_release, tmp_path_factory):
     out = tmp_path_factory.mktemp("converted") / "fireredasr-llm-tiny-fp32"
     convert(tiny_release.model_dir, out, dtype="fp32")
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_fp32(tmp_path_factory):
+    """The shipped demo model (`fireredasr_vllm.demo`, trained here) converted with --dtype fp32."""
+    out = tmp_path_factory.mktemp("demo") / "demo-fp32"
+    convert(demo.RELEASE_DIR, out, dtype="fp32")
+    return out
+
+
+def speech_recording(seconds: float, seed: int = 0) -> tuple[np.ndarray, list[tuple[int, int]], list[str]]:
+    """A recording of `CLEAN_SPEECH` pieces between silences and noise, each piece's audible span and its uttid.
+
+    Gaps of 0.3-5 s, every fifth one background noise instead of silence; pieces at
+    levels from -14 dB to full scale.
+    """
+    rng = np.random.default_rng(seed)
+    paths = sorted(CLEAN_SPEECH.glob("*.wav"))
+    pieces = [load_audio(str(path)) for path in paths]
+    parts, speech_spans, names, position, index = [], [], [], 0, 0
+    while position < seconds * spec.SAMPLE_RATE:
+        gap = np.zeros(int(rng.choice([0.3, 0.8, 2.0, 5.0]) * spec.SAMPLE_RATE), dtype=np.float32)
+        if index % 5 == 4:
+            gap = (0.01 * rng.standard_normal(len(gap))).astype(np.float32)
+        piece = pieces[index % len(pieces)] * rng.uniform(0.2, 1.0)
+        parts += [gap, piece.astype(np.float32)]
+        # The audible speech: from the first to the last sample within 40 dB of the piece's peak.
+        audible = np.flatnonzero(np.abs(piece) >= 0.01 * np.abs(piece).max())
+        start = position + len(gap)
+        speech_spans.append((start + int(audible[0]), start + int(audible[-1]) + 1))
+        names.append(paths[index % len(pieces)].stem)
+        position += len(gap) + len(piece)
+        index += 1
+    return np.concatenate(parts), speech_spans, names

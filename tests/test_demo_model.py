@@ -46,13 +46,10 @@ def heldout() -> dict[str, tuple[np.ndarray, str]]:
 
 
 @pytest.fixture(scope="module")
-def repos(tmp_path_factory) -> dict[str, Path]:
+def repos(demo_fp32, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("demo")
-    converted = {}
-    for dtype in ("fp32", "bf16"):
-        converted[dtype] = folder / f"demo-{dtype}"
-        convert(demo.RELEASE_DIR, converted[dtype], dtype=dtype)
-    converted["stock"] = folder / "demo-stock"
+    converted = {"fp32": demo_fp32, "bf16": folder / "demo-bf16", "stock": folder / "demo-stock"}
+    convert(demo.RELEASE_DIR, converted["bf16"], dtype="bf16")
     convert(demo.RELEASE_DIR, converted["stock"], dtype="fp32", target=STOCK_VLLM_TARGET)
     return converted
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import speech_recording
 
 from fireredasr_converter import spec
 from fireredasr_vllm.segmenter import (
@@ -20,7 +19,6 @@ from fireredasr_vllm.segmenter import (
     speech_regions,
     split_at_quietest,
 )
-from fireredasr_vllm.audio_input import load_audio
 
 SETTINGS = SegmenterSettings()
 MIN_SAMPLES = spec.min_samples_for_one_embedding()
@@ -95,31 +93,10 @@ def test_one_unbroken_run_longer_than_the_limit_is_split():
 # --- with the real VAD, on real speech ------------------------------------------------------
 
 
-# Clean espeak-ng readings of digit strings (unseen voices), trimmed to their first and
-# last audible sample, made once with `fireredasr_vllm.demo.speech` (plan_utterances(8,
-# 11, HELDOUT_VARIANTS, set(), "clean"), synthesize, trim_silence, write_kaldi_set).
-CLEAN_SPEECH = Path(__file__).resolve().parent / "data" / "clean_speech"
-
-
 @pytest.fixture(scope="module")
 def recording() -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Three minutes of speech pieces between silences and noise, with each piece's audible span."""
-    rng = np.random.default_rng(0)
-    pieces = [load_audio(str(path)) for path in sorted(CLEAN_SPEECH.glob("*.wav"))]
-    parts, speech_spans, position, index = [], [], 0, 0
-    while position < 180 * spec.SAMPLE_RATE:
-        gap = np.zeros(int(rng.choice([0.3, 0.8, 2.0, 5.0]) * spec.SAMPLE_RATE), dtype=np.float32)
-        if index % 5 == 4:  # background noise instead of silence now and then
-            gap = (0.01 * rng.standard_normal(len(gap))).astype(np.float32)
-        piece = pieces[index % len(pieces)] * rng.uniform(0.2, 1.0)  # levels from -14 dB to full
-        parts += [gap, piece.astype(np.float32)]
-        # The audible speech: from the first to the last sample within 40 dB of the piece's peak.
-        audible = np.flatnonzero(np.abs(piece) >= 0.01 * np.abs(piece).max())
-        start = position + len(gap)
-        speech_spans.append((start + int(audible[0]), start + int(audible[-1]) + 1))
-        position += len(gap) + len(piece)
-        index += 1
-    return np.concatenate(parts), speech_spans
+    audio, spans, _ = speech_recording(180.0)
+    return audio, spans
 
 
 def test_segments_hug_the_speech_they_hold(recording):
