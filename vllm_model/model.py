@@ -255,9 +255,9 @@ class FireRedAsrLlmForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
         # a window's start and that window lies before the boundary, so the audio
         # after the last cut is always longer than one window: vLLM never sends a
         # tail chunk the processor would refuse as too short, however little audio
-        # lies past the boundary (a 30.02 s upload gives a last chunk of a
-        # few hundred ms, not 20 ms). tests/test_vllm_serve.py checks this
-        # against the installed vLLM's splitter.
+        # lies past the boundary (a 30.02 s upload gives a last chunk of more than
+        # 100 ms, not 20 ms). tests/test_vllm_serve.py checks this against the
+        # installed vLLM's splitter.
         min_clip = spec.min_samples_for_one_embedding(model_config.hf_config.encoder_downsample_rate)
         window = max(round(SPLIT_ENERGY_WINDOW_S * extractor.sampling_rate), min_clip)
         # vLLM's splitter needs its search region inside the clip; a model whose
