@@ -181,3 +181,48 @@ def test_audio_is_downmixed_and_resampled_to_16k_mono(tmp_path):
     left_only = tmp_path / "left.wav"
     sf.write(left_only, 0.75 * mono, 44100, subtype="FLOAT")
     np.testing.assert_allclose(waveform, load_audio(str(left_only)), atol=1e-6)
+
+
+# --- the original's decoding recipe ----------------------------------------------
+
+
+def _demo_wav_scp(folder, count: int = 12):
+    from fireredasr_vllm import demo
+
+    scp = folder / "wav.scp"
+    scp.write_text("".join(f"{uttid} {path}\n" for uttid, path, _ in demo.heldout_clips()[:count]), encoding="utf-8")
+    return scp
+
+
+def test_recipe_original_is_a_shorthand_that_takes_no_overrides(demo_fp32, tmp_path):
+    scp = _demo_wav_scp(tmp_path, count=3)
+    mixed = CliRunner().invoke(main, ["-m", str(demo_fp32), "--wav-scp", str(scp), "--recipe", "original",
+                                      "--beam-size", "4"])  # fmt: skip
+    assert mixed.exit_code == 2 and "drop --beam-size" in mixed.output
+
+    output = tmp_path / "text"
+    result = CliRunner().invoke(main, ["-m", str(demo_fp32), "--wav-scp", str(scp), "-o", str(output), "-q",
+                                       "--backend", "reference", "--recipe", "original"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    reference = ReferenceFireRedAsrLlm.from_pretrained(demo_fp32)
+    paths = dict(line.split(maxsplit=1) for line in scp.read_text(encoding="utf-8").splitlines())
+    expected = {
+        uttid: kaldi_text(reference.transcribe([load_audio(path)], num_beams=3, repetition_penalty=3.0,
+                                               length_penalty=1.0)[0].text)  # fmt: skip
+        for uttid, path in paths.items()
+    }
+    assert dict(line.split("\t", 1) for line in output.read_text(encoding="utf-8").splitlines()) == expected
+
+
+@pytest.mark.vllm
+def test_vllm_recipe_gives_the_reference_transcripts(demo_fp32, tmp_path):
+    scp = _demo_wav_scp(tmp_path)
+    outputs = {}
+    for backend in ("reference", "vllm"):
+        outputs[backend] = tmp_path / f"{backend}.text"
+        command = [sys.executable, "-m", "fireredasr_vllm.transcribe", "-m", str(demo_fp32), "--wav-scp", str(scp),
+                   "-o", str(outputs[backend]), "--backend", backend, "--recipe", "original", "-q"]  # fmt: skip
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+    assert outputs["vllm"].read_text(encoding="utf-8") == outputs["reference"].read_text(encoding="utf-8")
+    assert len(outputs["vllm"].read_text(encoding="utf-8").splitlines()) == 12

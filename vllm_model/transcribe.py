@@ -21,6 +21,7 @@ or one SRT / WebVTT subtitle file per recording. Decoded by the vLLM plugin
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -149,13 +150,12 @@ class VllmBackend:
 
         shutdown_engine(self.llm)
 
-    def transcribe(self, clips, *, beam_size: int, max_new_tokens: int | None, batch_size: int):
-        from fireredasr_vllm.offline import beam_search_transcriptions, stream_transcriptions
+    def transcribe(self, clips, decoding, *, batch_size: int):
+        from fireredasr_vllm.offline import transcriptions
 
-        if beam_size > 1:
-            yield from beam_search_transcriptions(self.llm, clips, beam_size=beam_size, max_new_tokens=max_new_tokens)
-        else:
-            yield from stream_transcriptions(self.llm, clips, max_new_tokens=max_new_tokens, max_in_flight=batch_size)
+        # --batch-size counts requests; beam search keeps `beam_size` of them per clip.
+        clips_in_flight = max(1, batch_size // decoding.beam_size)
+        yield from transcriptions(self.llm, clips, decoding, max_in_flight=clips_in_flight)
 
 
 class ReferenceBackend:
@@ -167,11 +167,17 @@ class ReferenceBackend:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = ReferenceFireRedAsrLlm.from_pretrained(model, dtype=getattr(torch, dtype), device=device)
 
-    def transcribe(self, clips, *, beam_size: int, max_new_tokens: int | None, batch_size: int):
-        # The reference decodes one clip at a time, as the original does.
+    def transcribe(self, clips, decoding, *, batch_size: int):
+        # The reference decodes one clip at a time with transformers' `generate`, as the original does.
         for key, waveform in clips:
             try:
-                (result,) = self.model.transcribe([waveform], max_new_tokens=max_new_tokens, num_beams=beam_size)
+                (result,) = self.model.transcribe(
+                    [waveform],
+                    max_new_tokens=decoding.max_new_tokens,
+                    num_beams=decoding.beam_size,
+                    repetition_penalty=decoding.repetition_penalty,
+                    length_penalty=decoding.length_penalty,
+                )
             except ValueError as error:
                 yield key, error
                 continue
@@ -216,6 +222,23 @@ def _open_output(format: str, output: Path | None, resume: bool, overwrite: bool
     return LineOutput(format, stream), finished, stream
 
 
+def _decoding(recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens):
+    from fireredasr_vllm.offline import ORIGINAL_RECIPE, Decoding
+
+    chosen = {"--beam-size": beam_size, "--repetition-penalty": repetition_penalty, "--length-penalty": length_penalty}
+    if recipe == "original":
+        given = [name for name, value in chosen.items() if value is not None]
+        if given:
+            raise click.UsageError(f"--recipe original sets {', '.join(chosen)} itself; drop {', '.join(given)}")
+        return dataclasses.replace(ORIGINAL_RECIPE, max_new_tokens=max_new_tokens)
+    return Decoding(
+        beam_size=beam_size or 1,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+        length_penalty=1.0 if length_penalty is None else length_penalty,
+        max_new_tokens=max_new_tokens,
+    )
+
+
 MEMORY_NOTE = (
     f"Memory for audio stays bounded whatever a file's length: at most (--batch-size + {QUEUED_SEGMENTS}) "
     f"segments of at most 30 s, plus about {PLANNING_SECONDS / 60 + 1:.0f} min of voice-activity look-ahead, "
@@ -241,18 +264,27 @@ MEMORY_NOTE = (
                    "left out; always: every recording goes through the detector (no speech: an empty transcript).")
 @click.option("--backend", type=click.Choice(["vllm", "reference"]), default="vllm", show_default=True,
               help="vllm: the plugin in a vLLM engine; reference: plain PyTorch, one clip at a time.")
-@click.option("--beam-size", type=click.IntRange(min=1), default=1, show_default=True, help="1 is greedy decoding.")
+@click.option("--recipe", type=click.Choice(["original"]),
+              help="original: the original's published decoding, --beam-size 3 --repetition-penalty 3.0 "
+                   "--length-penalty 1.0 (transformers' beam search, reproduced exactly).")
+@click.option("--beam-size", type=click.IntRange(min=1), help="Beams; 1 is greedy decoding.  [default: 1]")
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True),
+              help="transformers' repetition penalty on the tokens each transcript has generated (not vLLM's, "
+                   "which also penalises the prompt).  [default: 1.0, none]")
+@click.option("--length-penalty", type=float,
+              help="Beam search: a hypothesis scores its summed log-probabilities / length ** this.  [default: 1.0]")
 @click.option("--max-new-tokens", type=click.IntRange(min=1),
               help="Tokens to generate at most per segment [default: one per speech embedding, as the original].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="vLLM: segments kept in the engine at once (continuous batching, across files).")
+              help="vLLM: requests kept in the engine at once (continuous batching, across files; beam search "
+                   "counts one per beam).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="Compute dtype; auto is the dtype the repo was converted to.")
 @click.option("--tensor-parallel-size", type=click.IntRange(min=1), default=1, show_default=True, help="vLLM: GPUs to shard over.")
 @click.option("--seed", type=int, default=0, show_default=True, help="vLLM engine seed.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line, only skipped recordings and the summary.")
-def main(paths, model, wav_scp, wav_dir, output, format_, resume, overwrite, segment, backend, beam_size,
-         max_new_tokens, batch_size, dtype, tensor_parallel_size, seed, quiet):
+def main(paths, model, wav_scp, wav_dir, output, format_, resume, overwrite, segment, backend, recipe, beam_size,
+         repetition_penalty, length_penalty, max_new_tokens, batch_size, dtype, tensor_parallel_size, seed, quiet):
     """Transcribe audio files of any length with FireRedASR-LLM.
 
     Give the audio as --wav-scp, --wav-dir and/or PATHS. Exit status: 0 when the
@@ -267,6 +299,7 @@ def main(paths, model, wav_scp, wav_dir, output, format_, resume, overwrite, seg
         raise click.UsageError("--resume keeps OUTPUT and --overwrite replaces it: choose one")
     if backend == "reference" and tensor_parallel_size > 1:
         raise click.UsageError("--tensor-parallel-size applies to --backend vllm only")
+    decoding = _decoding(recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens)
     try:
         utterances = collect_utterances(wav_scp, wav_dir, paths)
     except InputError as error:
@@ -340,8 +373,7 @@ def main(paths, model, wav_scp, wav_dir, output, format_, resume, overwrite, seg
 
     interrupted = False
     try:
-        for key, outcome in decoder.transcribe(clips(), beam_size=beam_size, max_new_tokens=max_new_tokens,
-                                               batch_size=batch_size):  # fmt: skip
+        for key, outcome in decoder.transcribe(clips(), decoding, batch_size=batch_size):
             assembler.result(key, outcome)
             settle()
         settle()
