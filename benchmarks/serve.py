@@ -26,6 +26,16 @@ after another), and the ratios against the reference.
     python benchmarks/serve.py --scale quarter --clips 32 # LLM-L's proportions, every size x 1/4 (the CPU figure)
     python benchmarks/serve.py --scale llm-l --dtype bfloat16  # the real shapes, on a GPU
     python benchmarks/serve.py --backends plugin-eager,plugin-compiled  # vLLM's eager vs compiled engine
+    python benchmarks/serve.py --decoding recipe --backends reference,plugin  # beam 3 + repetition penalty 3.0
+
+`--decoding recipe` decodes with the original's recipe (beam 3, repetition
+penalty 3.0, length penalty 1.0, N tokens at most) instead of greedy N tokens:
+the reference's transformers-4.x beam search one clip at a time against the
+plugin's batched beam search on the engine (prefix caching on: the beams share
+their prompt). Random weights practically never emit `<|im_end|>`, so both run
+N steps per clip; the tokens each clip generated are compared between backends
+(in float32 they should be the same transcripts). Stock vLLM has no such beam
+search and is not run in this mode.
 
 Exit status 1 when a backend fails or generates another number of tokens than asked.
 """
@@ -75,9 +85,13 @@ SCALES = {
 PLUGIN_VARIANTS = {"plugin": {}, "plugin-eager": {"enforce_eager": True}, "plugin-compiled": {"enforce_eager": False}}
 BACKENDS = ("reference", *PLUGIN_VARIANTS, "stock")
 DEFAULT_BACKENDS = ("reference", "plugin", "stock")
+DECODINGS = ("greedy", "recipe")
+# The original's recipe: transformers generate(num_beams=3, repetition_penalty=3.0, length_penalty=1.0).
+RECIPE = {"num_beams": 3, "repetition_penalty": 3.0, "length_penalty": 1.0}
 MIN_SECONDS, MAX_SECONDS = 1.0, 20.0
 RESULT_MARKER = "BENCHMARK_RESULT "
 TARGET_SPEEDUP = 5.0
+RECIPE_TARGET_SPEEDUP = 3.0
 
 
 def clip_durations(num_clips: int, seed: int) -> list[float]:
@@ -91,8 +105,13 @@ def clip_samples(duration: float) -> int:
     return int(duration * spec.SAMPLE_RATE)
 
 
-def make_clips(durations: list[float]) -> list[np.ndarray]:
-    return [synthetic_speech(clip_samples(d), seed=i) for i, d in enumerate(durations)]
+def make_clips(durations: list[float], first_seed: int = 0) -> list[np.ndarray]:
+    return [synthetic_speech(clip_samples(d), seed=first_seed + i) for i, d in enumerate(durations)]
+
+
+# Latency clips of the recipe mode: new audio (with the same durations), so that no
+# prefix cached by the throughput pass serves them.
+LATENCY_SEED = 100_000
 
 
 def tokens_per_clip(durations: list[float], output_tokens: int | None, downsample_rate: int) -> list[int]:
@@ -119,6 +138,69 @@ def parse_backends(context, param, value: str) -> list[str]:
 
 
 # --- workers (one process per backend) ----------------------------------------
+
+
+def run_reference_recipe(repo: Path, clips: list[np.ndarray], output_tokens: int | None, dtype: str,
+                         latency_clips: list[np.ndarray]) -> dict:
+    """The reference's beam search with the original's recipe, one clip at a time."""
+    import torch
+
+    from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    model = ReferenceFireRedAsrLlm.from_pretrained(repo, dtype=getattr(torch, dtype), device=device)
+    load_seconds = time.perf_counter() - start
+
+    def decode(clip: np.ndarray) -> list[int]:
+        return model.generate_ids(clip, max_new_tokens=output_tokens, **RECIPE)
+
+    decode(clips[0])  # warm-up
+    start = time.perf_counter()
+    outputs = [decode(clip) for clip in clips]
+    wall = time.perf_counter() - start
+    latencies = []
+    for clip in latency_clips:
+        clip_start = time.perf_counter()
+        decode(clip)
+        latencies.append(time.perf_counter() - clip_start)
+    return {"load_s": load_seconds, "batch_wall_s": wall, "latencies_s": latencies,
+            "generated": [len(ids) for ids in outputs], "token_ids": outputs}  # fmt: skip
+
+
+def run_plugin_recipe(repo: Path, clips: list[np.ndarray], output_tokens: int | None, dtype: str,
+                      latency_clips: list[np.ndarray], engine_kwargs: dict) -> dict:
+    """The plugin's batched beam search with the original's recipe, all clips at once."""
+    from fireredasr_vllm.offline import Decoding, create_engine, shutdown_engine, transcriptions
+
+    decoding = Decoding(beam_size=RECIPE["num_beams"], repetition_penalty=RECIPE["repetition_penalty"],
+                        length_penalty=RECIPE["length_penalty"], max_new_tokens=output_tokens)  # fmt: skip
+
+    def decode_all(batch: list[np.ndarray]) -> list[list[int]]:
+        ids: list[list[int]] = [[] for _ in batch]
+        for index, result in transcriptions(llm, enumerate(batch), decoding, max_in_flight=len(batch)):
+            if isinstance(result, Exception):
+                raise result
+            ids[index] = list(result.token_ids)
+        return ids
+
+    start = time.perf_counter()
+    llm = create_engine(repo, dtype=dtype, seed=0, enable_prefix_caching=True, **engine_kwargs)
+    load_seconds = time.perf_counter() - start
+    try:
+        decode_all(clips[:1])  # warm-up
+        start = time.perf_counter()
+        outputs = decode_all(clips)
+        wall = time.perf_counter() - start
+        latencies = []
+        for clip in latency_clips:
+            clip_start = time.perf_counter()
+            decode_all([clip])
+            latencies.append(time.perf_counter() - clip_start)
+    finally:
+        shutdown_engine(llm)
+    return {"load_s": load_seconds, "batch_wall_s": wall, "latencies_s": latencies,
+            "generated": [len(ids) for ids in outputs], "token_ids": outputs}  # fmt: skip
 
 
 def run_reference(
@@ -215,10 +297,17 @@ def run_vllm(
 
 
 def run_backend(
-    backend: str, repo: Path, durations: list[float], output_tokens: int | None, dtype: str, latency_clips: int
+    backend: str, repo: Path, durations: list[float], output_tokens: int | None, dtype: str, latency_clips: int,
+    decoding: str = "greedy",
 ) -> None:
     clips = make_clips(durations)
-    if backend == "reference":
+    if decoding == "recipe":
+        fresh = make_clips(durations[:latency_clips], first_seed=LATENCY_SEED)
+        if backend == "reference":
+            result = run_reference_recipe(repo, clips, output_tokens, dtype, fresh)
+        else:
+            result = run_plugin_recipe(repo, clips, output_tokens, dtype, fresh, PLUGIN_VARIANTS[backend])
+    elif backend == "reference":
         result = run_reference(repo, clips, output_tokens, dtype, latency_clips)
     else:
         prompt = spec.transcription_prompt(STOCK_AUDIO_TOKEN) if backend == "stock" else None
@@ -230,12 +319,13 @@ def run_backend(
 
 
 def run_worker(
-    backend: str, repo: Path, durations: list[float], output_tokens: int | None, dtype: str, latency_clips: int
+    backend: str, repo: Path, durations: list[float], output_tokens: int | None, dtype: str, latency_clips: int,
+    decoding: str = "greedy",
 ) -> dict:
     command = [
         sys.executable, __file__, "--worker", backend, "--repo", str(repo),
         "--durations", ",".join(map(str, durations)), "--output-tokens", str(output_tokens or "n"), "--dtype", dtype,
-        "--latency-clips", str(latency_clips),
+        "--latency-clips", str(latency_clips), "--decoding", decoding,
     ]  # fmt: skip
     # vLLM logs go to stderr, so stdout holds only the result line.
     env = dict(os.environ, VLLM_LOGGING_STREAM="ext://sys.stderr", VLLM_LOGGING_LEVEL="WARNING")
@@ -303,23 +393,28 @@ def print_table(rows: dict[str, dict]) -> None:
               help="[default: float32 on CPU, bfloat16 on a GPU]")
 @click.option("--backends", "selected", default=",".join(DEFAULT_BACKENDS), show_default=True,
               callback=parse_backends, help=f"Comma-separated, from {', '.join(BACKENDS)}.")
+@click.option("--decoding", type=click.Choice(DECODINGS), default="greedy", show_default=True,
+              help="greedy: N tokens per clip, EOS ignored; recipe: the original's beam 3 + repetition penalty 3.0 "
+                   "(reference and plugin backends).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Clip durations and weights.")
 @click.option("--workdir", type=click.Path(path_type=Path, file_okay=False),
               help="Keep the release and conversions here (default: a temporary folder, removed afterwards).")
 @click.option("--worker", "worker_backend", type=click.Choice(BACKENDS), hidden=True)
 @click.option("--repo", type=click.Path(path_type=Path), hidden=True)
 @click.option("--durations", hidden=True)
-def main(scale, num_clips, latency_clips, output_tokens, dtype, selected, seed, workdir, worker_backend, repo,
-         durations):
+def main(scale, num_clips, latency_clips, output_tokens, dtype, selected, decoding, seed, workdir, worker_backend,
+         repo, durations):
     """Throughput and latency of the vLLM plugin, the reference and stock vLLM on the same model and clips."""
     if worker_backend is not None:
         clip_seconds = [float(d) for d in durations.split(",")]
-        run_backend(worker_backend, repo, clip_seconds, output_tokens, dtype, latency_clips)
+        run_backend(worker_backend, repo, clip_seconds, output_tokens, dtype, latency_clips, decoding)
         return
-    sys.exit(compare(scale, num_clips, latency_clips, output_tokens, dtype, selected, seed, workdir))
+    if decoding == "recipe" and "stock" in selected:
+        raise click.UsageError("--decoding recipe compares the reference and the plugin; drop stock from --backends")
+    sys.exit(compare(scale, num_clips, latency_clips, output_tokens, dtype, selected, seed, workdir, decoding))
 
 
-def compare(scale, num_clips, latency_clips, output_tokens, dtype, selected, seed, workdir) -> int:
+def compare(scale, num_clips, latency_clips, output_tokens, dtype, selected, seed, workdir, decoding="greedy") -> int:
     import torch
 
     dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
@@ -352,19 +447,22 @@ def compare(scale, num_clips, latency_clips, output_tokens, dtype, selected, see
         print(
             f"{num_clips} clips, {audio_seconds:.1f} s of audio ({min(clip_seconds):.1f}-{max(clip_seconds):.1f} s), "
             f"{sum(expected_tokens)} generated tokens ({tokens_description(output_tokens)}), "
-            f"latency over the first {min(latency_clips, num_clips)}, {dtype}, {device}"
+            f"latency over the first {min(latency_clips, num_clips)}, {dtype}, {device}, decoding: {decoding}"
         )
 
-        rows, failed = {}, False
+        rows, failed, token_ids = {}, False, {}
         for backend in selected:
             print(f"running {backend} ...", flush=True)
             try:
-                result = run_worker(backend, repos[backend], clip_seconds, output_tokens, dtype, latency_clips)
+                result = run_worker(backend, repos[backend], clip_seconds, output_tokens, dtype, latency_clips,
+                                    decoding)  # fmt: skip
             except RuntimeError as error:
                 print(error)
                 failed = True
                 continue
-            if result["generated"] != expected_tokens:
+            if decoding == "recipe":
+                token_ids[backend] = result["token_ids"]
+            elif result["generated"] != expected_tokens:
                 wrong = sum(got != want for got, want in zip(result["generated"], expected_tokens))
                 print(f"{backend}: {wrong} of {len(expected_tokens)} clips generated another number of tokens than asked")
                 failed = True
@@ -373,7 +471,13 @@ def compare(scale, num_clips, latency_clips, output_tokens, dtype, selected, see
         print_table(rows)
         if "plugin" in rows and "reference" in rows:
             speedup = rows["plugin"]["utt_per_s"] / rows["reference"]["utt_per_s"]
-            print(f"plugin / reference utterances/s: {speedup:.2f}x (target >= {TARGET_SPEEDUP:g}x)")
+            target = RECIPE_TARGET_SPEEDUP if decoding == "recipe" else TARGET_SPEEDUP
+            print(f"plugin / reference utterances/s: {speedup:.2f}x (target >= {target:g}x)")
+        if decoding == "recipe" and "reference" in token_ids:
+            for backend, ids in token_ids.items():
+                if backend != "reference":
+                    same = sum(a == b for a, b in zip(ids, token_ids["reference"]))
+                    print(f"{backend}: {same} of {len(ids)} clips give the reference's token ids")
         return 1 if failed else 0
     finally:
         if not workdir:

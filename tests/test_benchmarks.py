@@ -64,6 +64,19 @@ def test_serve_benchmark_compares_all_three_backends(tmp_path):
     assert "3 clips" in result.stdout and "generated tokens (N per clip)" in result.stdout
 
 
+@pytest.mark.vllm
+def test_serve_benchmark_recipe_mode_gives_the_reference_token_ids(tmp_path):
+    result = run_script(
+        "serve.py", "--scale", "tiny", "--clips", "3", "--latency-clips", "1", "--decoding", "recipe",
+        "--backends", "reference,plugin", "--workdir", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    assert "decoding: recipe" in result.stdout
+    assert "plugin: 3 of 3 clips give the reference's token ids" in result.stdout
+    refused = run_script("serve.py", "--decoding", "recipe", "--backends", "reference,stock")
+    assert refused.returncode == 2 and "drop stock" in refused.stderr
+
+
 def test_convert_benchmark_reports_the_ratio_and_peak_memory():
     result = run_script("convert.py", "--scale", "0.01")
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]

@@ -261,43 +261,6 @@ def stream_transcriptions(
             engine.abort_request(list(in_flight))
 
 
-def beam_search_transcriptions(
-    llm,
-    clips: Iterable[tuple[Key, np.ndarray]],
-    *,
-    beam_size: int,
-    sampling_rate: int = spec.SAMPLE_RATE,
-    max_new_tokens: int | None = None,
-) -> Iterator[tuple[Key, Transcript | Exception]]:
-    """Beam search with vLLM's `LLM.beam_search`, one clip at a time (its beams run as one batch).
-
-    vLLM's beam search takes one `max_tokens` for all prompts it is given, so each
-    clip goes alone to keep the original's per-clip limit. Its length penalty
-    divides by the whole sequence length, prompt included, in vLLM 0.32 and by the
-    generated length in 0.33, and its hypothesis bookkeeping is not transformers'
-    (see docs/parity.md), so results can differ from the reference's beam search.
-    """
-    from vllm.sampling_params import BeamSearchParams
-
-    for key, waveform in clips:
-        limit = (
-            default_max_new_tokens(len(waveform), _downsample_rate(llm), sampling_rate)
-            if max_new_tokens is None
-            else max_new_tokens
-        )
-        try:
-            (output,) = llm.beam_search(
-                [transcription_request(waveform, sampling_rate)],
-                BeamSearchParams(beam_width=beam_size, max_tokens=limit),
-            )
-        except request_errors() as error:
-            yield key, error
-            continue
-        best = output.sequences[0]
-        token_ids = best.tokens[len(best.orig_prompt["prompt_token_ids"]) :]
-        yield key, Transcript(decode(llm, token_ids), token_ids)
-
-
 def transcriptions(
     llm,
     clips: Iterable[tuple[Key, np.ndarray]],
