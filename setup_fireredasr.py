@@ -31,13 +31,13 @@ import click
 from fireredasr_converter.errors import ConversionError
 from fireredasr_converter.fixtures import synthetic_speech
 from fireredasr_converter.pipeline import convert
+from fireredasr_converter.repo_format import dtype_name
 from fireredasr_converter.release import CMVN_FILE, ENCODER_CHECKPOINT, MODEL_CHECKPOINT, QWEN2_FOLDER
 from fireredasr_vllm import demo
 from fireredasr_vllm.offline import DEFAULT_MAX_MODEL_LEN
 
 SMOKE_CLIP_SECONDS = (1, 3, 5)
 # vLLM's names for the converter's dtypes (its "auto" would run an fp32 repo in half precision on a GPU).
-VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def stdin_is_terminal() -> bool:
@@ -211,10 +211,10 @@ def main(release, out, demo_dir, llm_dir, dtype, overwrite, skip_smoke):
     elif demo_dir is not None:
         heldout = demo.heldout_clips()
         click.echo(f"[4/5] transcribing the demo model's {len(heldout)} held-out clips with vLLM")
-        demo_transcription(out, VLLM_DTYPES[dtype], heldout)
+        demo_transcription(out, dtype_name(dtype), heldout)
     else:
         click.echo(f"[4/5] smoke transcription with vLLM ({len(SMOKE_CLIP_SECONDS)} synthetic clips)")
-        smoke_transcription(out, VLLM_DTYPES[dtype])
+        smoke_transcription(out, dtype_name(dtype))
     click.echo(f"[5/5] serve it with:\n  {serve_command(out)}")
     click.echo(f"or transcribe files with:\n  fireredasr-transcribe --model {out} --wav-scp wav.scp --output text")
 

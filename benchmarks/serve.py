@@ -57,6 +57,7 @@ import numpy as np
 
 from fireredasr_converter import spec
 from fireredasr_converter.configuration import FireRedAsrLlmConfig
+from fireredasr_converter.repo_format import DTYPES, dtype_name
 from fireredasr_converter.fixtures import LLM_L_SHAPES, TINY_SHAPES, build_release, scaled_shapes, synthetic_speech
 from fireredasr_converter.stock_vllm import (
     STOCK_AUDIO_TOKEN,
@@ -426,7 +427,7 @@ def compare(scale, num_clips, latency_clips, output_tokens, dtype, selected, see
     from fireredasr_converter.pipeline import convert
 
     folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fireredasr-serve-"))
-    converter_dtype = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+    converter_dtype = next(short for short in DTYPES if dtype_name(short) == dtype)
     try:
         release_dir = folder / f"release-{scale}"
         if not release_dir.exists():

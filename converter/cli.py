@@ -9,7 +9,8 @@ import click
 from .errors import ConversionError
 from .hub import HubPushError, PushRequest, check_push_request, hub_options, run_push
 from .pipeline import DEFAULT_TARGET, TARGETS, convert
-from .plan import DEFAULT_MAX_SHARD_SIZE, DTYPES, parse_size
+from .plan import DEFAULT_MAX_SHARD_SIZE, parse_size
+from .repo_format import DTYPES
 
 
 class _Size(click.ParamType):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto import CONFIG_MAPPING
 
-from .spec import ENCODER_SUBSAMPLING, NUM_MEL_BINS, RELATIVE_POSITION_MAX_LEN
+from .spec import ENCODER_SUBSAMPLING, NUM_MEL_BINS, RELATIVE_POSITION_MAX_LEN, SUBSAMPLING_CHANNELS
 
 MODEL_TYPE = "fireredasr_llm"
 ENCODER_MODEL_TYPE = "fireredasr_conformer"
@@ -35,7 +35,7 @@ class FireRedAsrEncoderConfig(PretrainedConfig):
         n_head: int = 20,
         d_model: int = 1280,
         kernel_size: int = 33,
-        subsampling_channels: int = 32,
+        subsampling_channels: int = SUBSAMPLING_CHANNELS,
         subsampling_rate: int = ENCODER_SUBSAMPLING,
         relative_position_max_len: int = RELATIVE_POSITION_MAX_LEN,
         layer_norm_eps: float = 1e-5,

@@ -32,6 +32,8 @@ from tokenizers import processors, trainers
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX
 
 from . import spec
+from .repo_format import DTYPE_NAMES, INDEX_NAME, PROJECTOR_PREFIX, SAFETENSORS_DTYPE_NAMES, SHARD_NAME
+from .writer import safetensors_header
 
 V1_MODEL_DIR = "FireRedASR-LLM-L"
 V2_MODEL_DIR = "FireRedASR2-LLM"
@@ -43,8 +45,6 @@ LORA_PREFIX = "llm.base_model.model.model.layers"
 # The released AED's output vocabulary; `asr_encoder.pth.tar` records it in its args.
 AED_VOCAB_SIZE = 7832
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-_LLM_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,7 +274,6 @@ def _rms_norm(name: str, dim: int) -> _RandomTensor:
 
 # --- the Conformer encoder and the adapter (model.pth.tar) ----------------------
 
-_SUBSAMPLING_CHANNELS = 32
 
 
 def _feed_forward(prefix: str, d: int) -> list[_RandomTensor]:
@@ -309,8 +308,8 @@ def _conformer_block(prefix: str, shapes: ReleaseShapes) -> list[_RandomTensor]:
 
 def _encoder_state_dict(shapes: ReleaseShapes, values: _TensorValues, namespace: str) -> dict[str, torch.Tensor]:
     """Every `encoder.*` tensor of the original ConformerEncoder, in its state-dict order."""
-    channels = _SUBSAMPLING_CHANNELS
-    subsampled_idim = ((shapes.idim - 1) // 2 - 1) // 2
+    channels = spec.SUBSAMPLING_CHANNELS
+    subsampled_idim = spec.subsampled_feature_width(shapes.idim)
     stem = _conv("encoder.input_preprocessor.conv.0", channels, 1, (3, 3), bias=True)
     stem += _conv("encoder.input_preprocessor.conv.2", channels, channels, (3, 3), bias=True)
     stem += _linear("encoder.input_preprocessor.out", shapes.encoder_dim, channels * subsampled_idim)
@@ -323,8 +322,8 @@ def _encoder_state_dict(shapes: ReleaseShapes, values: _TensorValues, namespace:
 
 
 def _adapter_tensors(shapes: ReleaseShapes, downsample_rate: int) -> list[_RandomTensor]:
-    return _linear("encoder_projector.linear1", shapes.llm_hidden, shapes.encoder_dim * downsample_rate) + _linear(
-        "encoder_projector.linear2", shapes.llm_hidden, shapes.llm_hidden
+    return _linear(f"{PROJECTOR_PREFIX}linear1", shapes.llm_hidden, shapes.encoder_dim * downsample_rate) + _linear(
+        f"{PROJECTOR_PREFIX}linear2", shapes.llm_hidden, shapes.llm_hidden
     )
 
 
@@ -517,18 +516,8 @@ def _write_safetensors_streaming(
     written and dropped in turn; `safetensors.torch.save_file` would need the
     whole shard in memory.
     """
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in tensors:
-        end = offset + t.numel * itemsize
-        header[t.name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
-        offset = end
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)  # the format aligns the data to 8 bytes
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
+        f.write(safetensors_header([(t.name, tuple(t.shape)) for t in tensors], dtype))
         for t in tensors:
             # Tensor memory is little-endian on every platform torch supports, as safetensors stores it.
             f.write(values.value(t, namespace, dtype).view(torch.uint8).numpy().data)
@@ -541,7 +530,7 @@ def _qwen2_shards(shapes: ReleaseShapes, dtype: torch.dtype, shards: int) -> dic
         return {"model.safetensors": tensors}
     itemsize = torch.empty((), dtype=dtype).element_size()
     runs = _partition(tensors, shards, itemsize)
-    return {f"model-{index:05d}-of-{shards:05d}.safetensors": run for index, run in enumerate(runs, start=1)}
+    return {SHARD_NAME.format(index=index, count=shards): run for index, run in enumerate(runs, start=1)}
 
 
 def _write_qwen2_weights(
@@ -554,7 +543,7 @@ def _write_qwen2_weights(
         weight_map = {t.name: filename for filename, tensors in shards.items() for t in tensors}
         total_size = sum(t.numel for tensors in shards.values() for t in tensors) * itemsize
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        _write_json(llm_dir / "model.safetensors.index.json", index)
+        _write_json(llm_dir / INDEX_NAME, index)
 
 
 def _qwen2_config(shapes: ReleaseShapes, dtype: torch.dtype, special_ids: dict[str, int]) -> dict:
@@ -578,7 +567,7 @@ def _qwen2_config(shapes: ReleaseShapes, dtype: torch.dtype, special_ids: dict[s
         "rope_theta": 1000000.0,
         "sliding_window": 131072,
         "tie_word_embeddings": False,
-        "torch_dtype": _LLM_DTYPE_NAMES[dtype],
+        "torch_dtype": DTYPE_NAMES[dtype],
         "transformers_version": "4.41.2",
         "use_cache": True,
         "use_sliding_window": False,
@@ -785,7 +774,7 @@ def build_release(
         raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
     if encoder_source not in ENCODER_SOURCES:
         raise ValueError(f"unknown encoder_source {encoder_source!r}; use one of {', '.join(ENCODER_SOURCES)}")
-    if llm_dtype not in _SAFETENSORS_DTYPES:
+    if llm_dtype not in SAFETENSORS_DTYPE_NAMES:
         raise ValueError(f"llm_dtype {llm_dtype} is not supported; use torch.bfloat16, torch.float16 or torch.float32")
     if llm_shards < 1:
         raise ValueError(f"llm_shards must be at least 1, got {llm_shards}")

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +33,10 @@ from safetensors import SafetensorError, safe_open
 
 from . import spec
 from .configuration import MODEL_TYPE
-from .plan import INDEX_NAME, format_size
+from .plan import format_size
+from .repo_format import INDEX_NAME
 from .repo_files import BASE_LLM_REPO, PROVENANCE_KEY, PUBLISHED_RESULTS
+from .sources import read_safetensors_header
 from .tokenizer import COPIED_FILES, EDITED_FILES
 
 REPO_TYPE = "model"
@@ -162,9 +163,8 @@ def _check_shards(folder: Path, index: dict) -> list[str]:
             raise _refuse(folder, f"shard {shard} is damaged ({error})") from None
         if names != tensors:
             raise _refuse(folder, f"shard {shard} does not hold the tensors {INDEX_NAME} assigns to it")
-        with open(path, "rb") as f:
-            (header_size,) = struct.unpack("<Q", f.read(8))
-        data_bytes += path.stat().st_size - 8 - header_size
+        stored_tensors = read_safetensors_header(path, fix="convert the repo again")
+        data_bytes += sum(t.numel * t.dtype.itemsize for _, t in stored_tensors)
     if data_bytes != total_size:
         raise _refuse(folder, f"the shards hold {data_bytes} bytes of tensors, {INDEX_NAME} says {total_size}")
     return sorted(tensors_by_shard)

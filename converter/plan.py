@@ -19,15 +19,11 @@ import torch
 from .errors import ConversionError
 from .lora import LoraPair, merge_rows_
 from .release import LAYOUTS, Release
+from .repo_format import DTYPE_NAMES, DTYPES, LANGUAGE_MODEL_PREFIX, SHARD_NAME
 from .sources import Checkpoint, SafetensorsFolder
 from .spec import SPEECH_TOKEN
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-LANGUAGE_MODEL_PREFIX = "language_model."
-SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-INDEX_NAME = "model.safetensors.index.json"
 # Rows are converted in blocks of about this many elements: large enough for
 # fast kernels, small enough that a block's fp32 working set stays tens of MB.
 BLOCK_ELEMENTS = 4 << 20

@@ -24,6 +24,7 @@ from . import spec
 from .configuration import FireRedAsrEncoderConfig
 from .errors import ConversionError
 from .lora import LoraAdapter, collect_lora
+from .repo_format import ENCODER_PREFIX, INDEX_NAME, PROJECTOR_PREFIX
 from .sources import Checkpoint, SafetensorsFolder, check_readable, load_checkpoint, read_kaldi_matrix
 from .tokenizer import SourceTokenizer, inspect_tokenizer
 
@@ -36,10 +37,7 @@ LAYOUTS = {
     "v2": "FireRedASR2-LLM (Qwen2 folder bundled)",
 }
 
-ENCODER_PREFIX = "encoder."
-PROJECTOR_PREFIX = "encoder_projector."
 LLM_PREFIX = "llm."
-PROJECTOR_TENSORS = ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias")
 _ENCODER_LAYER = re.compile(r"^encoder\.layer_stack\.(\d+)\.(.+)$")
 _RELEASE_FIX = "SRC must be a FireRedASR-LLM release folder (model.pth.tar, asr_encoder.pth.tar, cmvn.ark)"
 _DOWNLOAD_AGAIN = "download the release again"
@@ -84,7 +82,7 @@ class Release:
         """Every file the conversion reads."""
         model_files = [self.model_checkpoint.path, self.encoder_checkpoint.path, self.model_dir / CMVN_FILE]
         llm_files = [self.llm.path / "config.json", *self.llm.weights.files, *self.llm.tokenizer.files]
-        index = self.llm.path / "model.safetensors.index.json"
+        index = self.llm.path / INDEX_NAME
         return model_files + ([index] if index.exists() else []) + llm_files
 
 
@@ -282,8 +280,7 @@ def _encoder_config(
     if conv0 not in tensors or tensors[conv0].dim() != 4:
         raise ConversionError(f"{path} lacks the subsampling convolution {conv0}: {_DOWNLOAD_AGAIN}")
     channels = tensors[conv0].shape[0]
-    # Two stride-2 3x3 convolutions shrink the feature axis.
-    subsampled_idim = ((idim - 1) // 2 - 1) // 2
+    subsampled_idim = spec.subsampled_feature_width(idim)
     checks = (
         (
             "encoder.input_preprocessor.out.weight",

@@ -18,7 +18,8 @@ from transformers import GenerationConfig
 from . import __version__, spec
 from .configuration import ARCHITECTURE, FireRedAsrLlmConfig
 from .feature_extraction import FireRedAsrFeatureExtractor
-from .plan import DEFAULT_MAX_SHARD_SIZE, DTYPE_NAMES, LANGUAGE_MODEL_PREFIX, ConversionPlan, parse_size
+from .plan import DEFAULT_MAX_SHARD_SIZE, ConversionPlan, parse_size
+from .repo_format import DTYPE_NAMES, LANGUAGE_MODEL_PREFIX
 from .release import Release
 
 CONVERTER = "fireredasr-convert"

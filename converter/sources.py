@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .errors import ConversionError
+from .repo_format import INDEX_NAME
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -263,7 +264,7 @@ class SafetensorsFolder:
         self._descriptors: dict[Path, int] = {}
 
     def _list_files(self, fix: str) -> list[Path]:
-        index_path = self.folder / "model.safetensors.index.json"
+        index_path = self.folder / INDEX_NAME
         if index_path.exists():
             check_readable(index_path, fix)
             try:
@@ -275,7 +276,7 @@ class SafetensorsFolder:
             files = [self.folder / "model.safetensors"]
         else:
             raise ConversionError(
-                f"no safetensors weights in {self.folder} (model.safetensors.index.json or model.safetensors): {fix}"
+                f"no safetensors weights in {self.folder} ({INDEX_NAME} or model.safetensors): {fix}"
             )
         for file in files:
             check_readable(file, fix)

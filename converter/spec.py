@@ -25,14 +25,20 @@ CMVN_VARIANCE_FLOOR = 1e-20
 
 # --- encoder geometry -------------------------------------------------------
 
-# Conv2dSubsampling: two 3x3 stride-2 convolutions.
+# Conv2dSubsampling: two 3x3 stride-2 convolutions with 32 output channels each.
 ENCODER_SUBSAMPLING = 4
+SUBSAMPLING_CHANNELS = 32
 # Zero frames the original appends to the features before subsampling
 # (the subsampling context of 7 frames minus one).
 ENCODER_INPUT_PADDING = 6
 # The relative position table always has max_len 5000 in the original: the
 # encoder constructor never passes `pe_maxlen` on.
 RELATIVE_POSITION_MAX_LEN = 5000
+
+
+def subsampled_feature_width(idim: int) -> int:
+    """Width of the feature axis after Conv2dSubsampling's two unpadded 3x3 stride-2 convolutions."""
+    return ((idim - 1) // 2 - 1) // 2
 
 
 def relative_position_table(d_model: int, max_len: int = RELATIVE_POSITION_MAX_LEN) -> torch.Tensor:

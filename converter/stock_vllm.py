@@ -27,7 +27,8 @@ from transformers import Qwen2Config
 
 from . import spec
 from .errors import ConversionError
-from .plan import DTYPE_NAMES, ConversionPlan
+from .plan import ConversionPlan
+from .repo_format import DTYPE_NAMES
 from .release import LLM_PREFIX, Release
 from .repo_files import (
     PROVENANCE_KEY,
@@ -47,8 +48,8 @@ STOCK_ARCHITECTURE = "FireRedASR2ForConditionalGeneration"
 STOCK_AUDIO_TOKEN = "<|AUDIO|>"
 STOCK_PROCESSOR_CLASS = "FireRedASR2Processor"
 STOCK_FEATURE_EXTRACTOR_TYPE = "FireRedASR2FeatureExtractor"
-# Stock's Conv2dSubsampling has a fixed 32 channels.
-STOCK_SUBSAMPLING_CHANNELS = 32
+# Stock's Conv2dSubsampling has the original's channel count, fixed.
+STOCK_SUBSAMPLING_CHANNELS = spec.SUBSAMPLING_CHANNELS
 # Its feature extractor's context around each frame; the 6 frames it pads = left + right.
 STOCK_CONTEXT_FRAMES = spec.ENCODER_INPUT_PADDING // 2
 FRAME_LENGTH_MS = 1000 * spec.FRAME_LENGTH_SAMPLES // spec.SAMPLE_RATE

@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 
 from .errors import ConversionError
-from .plan import DTYPE_NAMES, INDEX_NAME, ConversionPlan, PlannedTensor
-from .writer import SAFETENSORS_DTYPE_NAMES
+from .plan import ConversionPlan, PlannedTensor
+from .repo_format import DTYPE_NAMES, INDEX_NAME, SAFETENSORS_DTYPE_NAMES
 
 # A merged value may differ from the float64 reference by the output dtype's
 # rounding (under one ulp: the relative term) plus fp32 accumulation error

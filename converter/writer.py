@@ -5,21 +5,21 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import math
 import os
 import queue
 import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from .errors import ConversionError
-from .plan import INDEX_NAME, ConversionPlan, PlannedShard
-
-SAFETENSORS_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+from .plan import ConversionPlan, PlannedShard
+from .repo_format import INDEX_NAME, SAFETENSORS_DTYPE_NAMES
 
 
 # Blocks waiting for the write thread. A block's memory is reused once this many
@@ -27,6 +27,24 @@ SAFETENSORS_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfl
 # rotate at least WRITE_QUEUE_DEPTH + 2 slots.
 WRITE_QUEUE_DEPTH = 2
 
+
+
+def safetensors_header(tensors: Sequence[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> bytes:
+    """The bytes a safetensors file starts with for `tensors` (name, shape) of one dtype, stored in that order.
+
+    Known from names and shapes alone, so a writer can put it first and stream
+    each tensor's bytes after it.
+    """
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for name, shape in tensors:
+        end = offset + math.prod(shape) * itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned
+    return struct.pack("<Q", len(encoded)) + encoded
 
 class BackgroundWriter:
     """Runs queued writes, in order, on a separate thread.
@@ -93,20 +111,8 @@ class ShardWriter:
         self._dtype = dtype
         self._background = background
         self._pending = [(tensor.name, tensor.nbytes(dtype)) for tensor in shard.tensors]
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for tensor in shard.tensors:
-            end = offset + tensor.nbytes(dtype)
-            header[tensor.name] = {
-                "dtype": SAFETENSORS_DTYPE_NAMES[dtype],
-                "shape": list(tensor.shape),
-                "data_offsets": [offset, end],
-            }
-            offset = end
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned
         self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+        self._file.write(safetensors_header([(tensor.name, tuple(tensor.shape)) for tensor in shard.tensors], dtype))
 
     def write_tensor(self, name: str, blocks: Iterable[torch.Tensor], then: Callable[[], None] | None = None) -> None:
         """Queue a tensor's blocks for writing, and `then` to run once they are written."""

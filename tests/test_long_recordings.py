@@ -212,3 +212,21 @@ def test_vllm_gives_the_reference_json_lines(demo_fp32, recordings, reference_ou
     assert completed.returncode == EXIT_PARTIAL, completed.stderr[-3000:]
     assert output.read_bytes() == reference_outputs["jsonl"][1].read_bytes()
     assert "s of audio" in completed.stderr and "RTF" in completed.stderr
+
+
+def test_segment_always_sends_short_recordings_through_the_detector(demo_fp32, tmp_path):
+    rng = np.random.default_rng(3)
+    quiet = tmp_path / "quiet.wav"
+    sf.write(quiet, (0.003 * rng.standard_normal(10 * spec.SAMPLE_RATE)).astype(np.float32), spec.SAMPLE_RATE)
+    outputs = {}
+    for mode in ("auto", "always"):
+        outputs[mode] = tmp_path / f"{mode}.jsonl"
+        result = CliRunner().invoke(main, ["-m", str(demo_fp32), str(quiet), "-o", str(outputs[mode]), "-q",
+                                           "--backend", "reference", "-f", "jsonl", "--segment", mode])  # fmt: skip
+        assert result.exit_code == 0, result.output
+    # auto: a 10 s clip is decoded whole, as the original would; always: the detector finds no speech.
+    assert records(outputs["auto"])["quiet"]["segments"] == [
+        {"start": 0.0, "end": 10.0, "text": records(outputs["auto"])["quiet"]["text"]}
+    ]
+    assert records(outputs["always"])["quiet"] == {"uttid": "quiet", "duration": 10.0, "text": "", "segments": []}
+    assert "no speech found in quiet" in result.output

@@ -291,7 +291,7 @@ def batched_beam_search(
     """
     from vllm import RequestOutput
 
-    from .offline import Transcript, _downsample_rate, decode, default_max_new_tokens, request_errors, transcription_request
+    from .offline import Transcript, clip_token_limit, decode, request_errors, transcription_request
 
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
@@ -332,11 +332,7 @@ def batched_beam_search(
                     break
                 number, (key, waveform) = item
                 try:
-                    limit = (
-                        default_max_new_tokens(len(waveform), _downsample_rate(llm), sampling_rate)
-                        if max_new_tokens is None
-                        else max_new_tokens
-                    )
+                    limit = clip_token_limit(llm, len(waveform), sampling_rate, max_new_tokens)
                     search = ClipBeamSearch(
                         num_beams=beam_size,
                         max_new_tokens=limit,

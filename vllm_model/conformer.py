@@ -66,8 +66,7 @@ class Conv2dSubsampling(nn.Module):
             nn.Conv2d(channels, channels, 3, 2),
             nn.ReLU(),
         )
-        subsampled_idim = ((idim - 1) // 2 - 1) // 2
-        self.out = nn.Linear(channels * subsampled_idim, d_model)
+        self.out = nn.Linear(channels * spec.subsampled_feature_width(idim), d_model)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[B, T, idim] -> [B, (((T - 3) // 2 + 1) - 3) // 2 + 1, d_model]."""

@@ -57,6 +57,7 @@ from vllm.utils.tensor_schema import TensorSchema, TensorShape
 from fireredasr_converter import spec
 from fireredasr_converter.configuration import FireRedAsrLlmConfig
 from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
+from fireredasr_converter.repo_format import ENCODER_PREFIX, PROJECTOR_PREFIX
 
 from .conformer import SpeechEncoder
 
@@ -221,8 +222,8 @@ class FireRedAsrLlmForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
     # here both live under the `speech_encoder` tower.
     hf_to_vllm_mapper = WeightsMapper(
         orig_to_new_prefix={
-            "encoder.": "speech_encoder.encoder.",
-            "encoder_projector.": "speech_encoder.encoder_projector.",
+            ENCODER_PREFIX: "speech_encoder." + ENCODER_PREFIX,
+            PROJECTOR_PREFIX: "speech_encoder." + PROJECTOR_PREFIX,
         }
     )
 

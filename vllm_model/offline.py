@@ -181,8 +181,12 @@ def _check_penalty_processor(llm) -> None:
         )
 
 
-def _downsample_rate(llm) -> int:
-    return llm.llm_engine.model_config.hf_config.encoder_downsample_rate
+def clip_token_limit(llm, num_samples: int, sampling_rate: int, max_new_tokens: int | None) -> int:
+    """New tokens a clip may generate: `max_new_tokens`, or the original's N when None."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    downsample_rate = llm.llm_engine.model_config.hf_config.encoder_downsample_rate
+    return default_max_new_tokens(num_samples, downsample_rate, sampling_rate)
 
 
 def decode(llm, token_ids: Sequence[int]) -> str:
@@ -231,11 +235,7 @@ def stream_transcriptions(
                     exhausted = True
                     break
                 number, (key, waveform) = item
-                limit = (
-                    default_max_new_tokens(len(waveform), _downsample_rate(llm), sampling_rate)
-                    if max_new_tokens is None
-                    else max_new_tokens
-                )
+                limit = clip_token_limit(llm, len(waveform), sampling_rate, max_new_tokens)
                 request_id = f"{id_prefix}{number}"
                 try:
                     # Rendered as `LLM.generate` renders it; the engine then takes our request id.

@@ -35,14 +35,12 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from fireredasr_converter import spec
+from fireredasr_converter.repo_format import INDEX_NAME, LANGUAGE_MODEL_PREFIX, SPEECH_ENCODER_PREFIXES
 from fireredasr_converter.configuration import FireRedAsrLlmConfig, register_with_transformers
 from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
 
 from .conformer import SpeechEncoder
 
-WEIGHTS_INDEX = "model.safetensors.index.json"
-SPEECH_ENCODER_PREFIXES = ("encoder.", "encoder_projector.")
-LANGUAGE_MODEL_PREFIX = "language_model."
 
 AudioClip = np.ndarray | torch.Tensor
 
@@ -64,7 +62,7 @@ class GreedyGeneration:
 
 def load_converted_weights(repo: Path) -> dict[str, torch.Tensor]:
     """All tensors of a converted repo, read through its safetensors index."""
-    index_path = repo / WEIGHTS_INDEX
+    index_path = repo / INDEX_NAME
     if not index_path.is_file():
         raise FileNotFoundError(
             f"{index_path} not found; {repo} is not a converted FireRedASR-LLM repo "
@@ -77,7 +75,7 @@ def load_converted_weights(repo: Path) -> dict[str, torch.Tensor]:
     missing = sorted(set(weight_map) - set(weights))
     if missing:
         raise ValueError(
-            f"{repo}: tensors listed in {WEIGHTS_INDEX} are missing from the shards: {missing[:5]}; "
+            f"{repo}: tensors listed in {INDEX_NAME} are missing from the shards: {missing[:5]}; "
             "convert the release again"
         )
     return weights

@@ -33,6 +33,8 @@ from typing import NoReturn
 import click
 
 
+from fireredasr_converter.repo_format import DTYPE_NAMES
+
 from .audio_input import InputError, collect_utterances, duration_seconds
 from .recordings import QUEUED_SEGMENTS, SEGMENT_MODES, Assembler, Finished, in_background, segment_events
 from .segmenter import PLANNING_SECONDS, SegmenterSettings
@@ -132,7 +134,7 @@ class Progress:
 
 # --- backends -----------------------------------------------------------------
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+DTYPES = ("auto", *DTYPE_NAMES.values())
 
 
 class VllmBackend:
