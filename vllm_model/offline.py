@@ -114,7 +114,13 @@ def create_engine(model: str | Path, *, dtype: str = "auto", max_model_len: int 
     if current_platform.is_cpu():
         # The CPU backend sizes its KV cache from this variable (GiB) and compiles slowly.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        settings.update(enforce_eager=True, gpu_memory_utilization=0.2)
+        # Its default 128-token blocks are longer than most prompts (a 10 s clip is
+        # ~140 tokens), and prefix caching only reuses whole blocks: beam search,
+        # whose every step re-sends each beam's prompt, then recomputed it all
+        # (0 cache hits; with 32-token blocks 80% of the prompt tokens hit and beam
+        # search ran 3.3x faster, greedy decoding unchanged). 32 is the smallest
+        # block the CPU attention backend takes.
+        settings.update(enforce_eager=True, gpu_memory_utilization=0.2, block_size=32)
     settings.update(engine_kwargs)
     return LLM(model=str(model), **settings)
 
