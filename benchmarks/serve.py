@@ -141,6 +141,20 @@ def parse_backends(context, param, value: str) -> list[str]:
 # --- workers (one process per backend) ----------------------------------------
 
 
+def timed_passes(decode_all, clips: list[np.ndarray], latency_clips: list[np.ndarray]) -> tuple[list, float, list[float]]:
+    """A warm-up clip, then all `clips` at once (outputs, wall seconds), then each latency clip on its own (seconds)."""
+    decode_all(clips[:1])
+    start = time.perf_counter()
+    outputs = decode_all(clips)
+    wall = time.perf_counter() - start
+    latencies = []
+    for clip in latency_clips:
+        clip_start = time.perf_counter()
+        decode_all([clip])
+        latencies.append(time.perf_counter() - clip_start)
+    return outputs, wall, latencies
+
+
 def run_reference_recipe(repo: Path, clips: list[np.ndarray], output_tokens: int | None, dtype: str,
                          latency_clips: list[np.ndarray]) -> dict:
     """The reference's beam search with the original's recipe, one clip at a time."""
@@ -153,18 +167,10 @@ def run_reference_recipe(repo: Path, clips: list[np.ndarray], output_tokens: int
     model = ReferenceFireRedAsrLlm.from_pretrained(repo, dtype=getattr(torch, dtype), device=device)
     load_seconds = time.perf_counter() - start
 
-    def decode(clip: np.ndarray) -> list[int]:
-        return model.generate_ids(clip, max_new_tokens=output_tokens, **RECIPE)
+    def decode_all(batch: list[np.ndarray]) -> list[list[int]]:
+        return [model.generate_ids(clip, max_new_tokens=output_tokens, **RECIPE) for clip in batch]
 
-    decode(clips[0])  # warm-up
-    start = time.perf_counter()
-    outputs = [decode(clip) for clip in clips]
-    wall = time.perf_counter() - start
-    latencies = []
-    for clip in latency_clips:
-        clip_start = time.perf_counter()
-        decode(clip)
-        latencies.append(time.perf_counter() - clip_start)
+    outputs, wall, latencies = timed_passes(decode_all, clips, latency_clips)
     return {"load_s": load_seconds, "batch_wall_s": wall, "latencies_s": latencies,
             "generated": [len(ids) for ids in outputs], "token_ids": outputs}  # fmt: skip
 
@@ -189,15 +195,7 @@ def run_plugin_recipe(repo: Path, clips: list[np.ndarray], output_tokens: int | 
     llm = create_engine(repo, dtype=dtype, seed=0, enable_prefix_caching=True, **engine_kwargs)
     load_seconds = time.perf_counter() - start
     try:
-        decode_all(clips[:1])  # warm-up
-        start = time.perf_counter()
-        outputs = decode_all(clips)
-        wall = time.perf_counter() - start
-        latencies = []
-        for clip in latency_clips:
-            clip_start = time.perf_counter()
-            decode_all([clip])
-            latencies.append(time.perf_counter() - clip_start)
+        outputs, wall, latencies = timed_passes(decode_all, clips, latency_clips)
     finally:
         shutdown_engine(llm)
     return {"load_s": load_seconds, "batch_wall_s": wall, "latencies_s": latencies,
@@ -283,15 +281,7 @@ def run_vllm(
     llm = create_engine(repo, dtype=dtype, seed=0, enable_prefix_caching=False, mm_processor_cache_gb=0, **engine_kwargs)
     load_seconds = time.perf_counter() - start
     try:
-        decode_all(clips[:1])  # warm-up
-        start = time.perf_counter()
-        generated = decode_all(clips)
-        wall = time.perf_counter() - start
-        latencies = []
-        for clip in clips[:latency_clips]:
-            clip_start = time.perf_counter()
-            decode_all([clip])
-            latencies.append(time.perf_counter() - clip_start)
+        generated, wall, latencies = timed_passes(decode_all, clips, clips[:latency_clips])
     finally:
         shutdown_engine(llm)
     return {"load_s": load_seconds, "batch_wall_s": wall, "latencies_s": latencies, "generated": generated}

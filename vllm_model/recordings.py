@@ -15,6 +15,7 @@ ahead of the decoder (`QUEUED_SEGMENTS`), the segmenter's look-ahead (about
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -86,17 +87,11 @@ def file_segments(
             return len(whole)
     stream = SegmentStream(settings)
     total = 0
-    for block in _chain(head, blocks):
+    for block in itertools.chain(head, blocks):
         total += len(block)
         yield from stream.feed(block)
     yield from stream.finish()
     return total
-
-
-def _chain(head: list[np.ndarray], rest: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-    while head:
-        yield head.pop(0)
-    yield from rest
 
 
 def segment_events(
