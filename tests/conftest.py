@@ -1,22 +1,35 @@
 """Session-wide fixtures and builders: one tiny release in the original layout, converted once;
-the shipped demo model, converted once; long recordings made of real speech."""
+the reference model on it; the shipped demo model, converted once; long recordings made of
+real speech; the loaders tests read release pickles and safetensors files with."""
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors import safe_open
 
 from fireredasr_converter import spec
 from fireredasr_converter.fixtures import TINY_SHAPES, build_release
 from fireredasr_converter.pipeline import convert
 from fireredasr_vllm import demo
 from fireredasr_vllm.audio_input import load_audio
+from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
 
 # Clean espeak-ng readings of digit strings (voices the demo model did not train on),
 # trimmed to their first and last audible sample, made once with
 # `fireredasr_vllm.demo.speech` (plan_utterances(8, 11, HELDOUT_VARIANTS, set(), "clean"),
 # synthesize, trim_silence, write_kaldi_set).
 CLEAN_SPEECH = Path(__file__).resolve().parent / "data" / "clean_speech"
+
+
+def pytest_configure(config):
+    # Importing silero_vad (the segmenter's VAD) sets torch to one thread for the rest of the
+    # process, so without this a test's thread count would depend on whether an earlier test
+    # used the VAD. One thread from the start: the models here are tiny, and on two cores shared
+    # with vLLM engines torch's spinning worker threads made their small ops 6x slower.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +44,12 @@ def converted_fp32(tiny_release, tmp_path_factory):
     out = tmp_path_factory.mktemp("converted") / "fireredasr-llm-tiny-fp32"
     convert(tiny_release.model_dir, out, dtype="fp32")
     return out
+
+
+@pytest.fixture(scope="session")
+def reference(converted_fp32) -> ReferenceFireRedAsrLlm:
+    """The plain PyTorch + transformers reference on `converted_fp32`: the parity tests' oracle."""
+    return ReferenceFireRedAsrLlm.from_pretrained(converted_fp32)
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +84,20 @@ def speech_recording(seconds: float, seed: int = 0) -> tuple[np.ndarray, list[tu
         position += len(gap) + len(piece)
         index += 1
     return np.concatenate(parts), speech_spans, names
+
+
+def load_release_pickle(path: Path) -> dict:
+    """A release pickle (`model.pth.tar`, `asr_encoder.pth.tar`) loaded the safe way: tensors and argparse.Namespace only."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_safetensors(folder: Path, pattern: str = "*.safetensors", names=None) -> dict[str, torch.Tensor]:
+    """The tensors of `folder`'s safetensors files matching `pattern`: all of them, or those in `names`."""
+    tensors = {}
+    for path in sorted(Path(folder).glob(pattern)):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if names is None or name in names:
+                    tensors[name] = f.get_tensor(name)
+    return tensors

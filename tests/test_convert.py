@@ -1,6 +1,5 @@
 """fireredasr-convert on tiny releases: the converted repo against independent recomputations."""
 
-import argparse
 import hashlib
 import json
 import os
@@ -14,8 +13,8 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import load_release_pickle, load_safetensors
 from safetensors import safe_open
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from fireredasr_converter import spec
@@ -28,33 +27,18 @@ from fireredasr_converter.pipeline import convert
 LORA_KEY = "llm.base_model.model.{target}.lora_{factor}.default.weight"
 
 
-def load_pickle(path: Path) -> dict:
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_qwen2(llm_dir: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(llm_dir.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
-
-
 def load_repo(repo: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(repo.glob("model-*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
+    return load_safetensors(repo, "model-*.safetensors")
 
 
 def expected_tensors(release, lora_alpha: float = spec.LORA_DEFAULT_ALPHA, encoder_from: str = "model.pth.tar"):
     """The converted repo's tensors in fp32, recomputed from the release files (merges in float64)."""
-    model_state = load_pickle(release.model_dir / "model.pth.tar")["model_state_dict"]
-    encoder_state = load_pickle(release.model_dir / encoder_from)["model_state_dict"]
+    model_state = load_release_pickle(release.model_dir / "model.pth.tar")["model_state_dict"]
+    encoder_state = load_release_pickle(release.model_dir / encoder_from)["model_state_dict"]
     expected = {k: v.float() for k, v in encoder_state.items() if k.startswith("encoder.")}
     expected.update({k: v.float() for k, v in model_state.items() if k.startswith("encoder_projector.")})
     scale = lora_alpha / release.shapes.lora_rank
-    for name, weight in load_qwen2(release.llm_dir).items():
+    for name, weight in load_safetensors(release.llm_dir).items():
         target = name.removesuffix(".weight")
         lora_a = model_state.get(LORA_KEY.format(target=target, factor="A"))
         if lora_a is not None:
@@ -278,7 +262,7 @@ def test_model_card(converted_fp32, converted_v2_fp32):
 
 def test_encoder_comes_from_model_checkpoint_despite_decoy_weights(tmp_path):
     release = build_release(tmp_path / "release", TINY_SHAPES, asr_encoder_weights=True, seed=2)
-    decoy = load_pickle(release.model_dir / "asr_encoder.pth.tar")["model_state_dict"]
+    decoy = load_release_pickle(release.model_dir / "asr_encoder.pth.tar")["model_state_dict"]
     out = tmp_path / "repo"
     convert(release.model_dir, out, dtype="fp32")
     assert_matches_recomputation(out, release)
@@ -290,7 +274,7 @@ def test_encoder_comes_from_model_checkpoint_despite_decoy_weights(tmp_path):
 def test_encoder_comes_from_asr_encoder_when_model_checkpoint_lacks_it(tmp_path):
     release = build_release(tmp_path / "release", TINY_SHAPES, encoder_source="asr_encoder", seed=3)
     assert not any(
-        k.startswith("encoder.") for k in load_pickle(release.model_dir / "model.pth.tar")["model_state_dict"]
+        k.startswith("encoder.") for k in load_release_pickle(release.model_dir / "model.pth.tar")["model_state_dict"]
     )
     out = tmp_path / "repo"
     convert(release.model_dir, out, dtype="fp32")
@@ -302,7 +286,7 @@ def test_release_without_lora_keeps_qwen2_weights(tiny_release, tmp_path):
     root = tmp_path / "release"
     shutil.copytree(tiny_release.model_dir.parent, root, symlinks=True)
     src = root / tiny_release.model_dir.name
-    package = load_pickle(src / "model.pth.tar")
+    package = load_release_pickle(src / "model.pth.tar")
     package["model_state_dict"] = {k: v for k, v in package["model_state_dict"].items() if not k.startswith("llm.")}
     package["args"].freeze_llm = 1  # the original then leaves Qwen2 as released
     torch.save(package, src / "model.pth.tar")
@@ -310,7 +294,7 @@ def test_release_without_lora_keeps_qwen2_weights(tiny_release, tmp_path):
     result = convert(src, out, dtype="fp32")
     assert "LoRA: none" in "\n".join(result.plan)
     converted = load_repo(out)
-    for name, weight in load_qwen2(root / "Qwen2-7B-Instruct").items():
+    for name, weight in load_safetensors(root / "Qwen2-7B-Instruct").items():
         assert torch.equal(converted[f"language_model.{name}"], weight.float()), name
     assert json.loads((out / "config.json").read_text())["fireredasr_conversion"]["lora"] is None
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import load_release_pickle
 
 from fireredasr_converter import pipeline, plan, sources, writer
 from fireredasr_converter.cli import main
@@ -60,14 +61,9 @@ def assert_refused(src, out, message, **kwargs):
     assert sorted(out.parent.iterdir()) == siblings
 
 
-def load_package(path):
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def rewrite_model(release, edit):
     path = release / "model.pth.tar"
-    package = load_package(path)
+    package = load_release_pickle(path)
     edit(package)
     torch.save(package, path)
 
@@ -140,7 +136,7 @@ def test_wrong_projector_shape(release, out):
 
 def test_encoder_layers_disagree_with_args(release, out):
     path = release / "asr_encoder.pth.tar"
-    package = load_package(path)
+    package = load_release_pickle(path)
     package["args"].n_layers_enc = 3
     torch.save(package, path)
     assert_refused(release, out, "holds 2 encoder layers, its args say n_layers_enc=3")

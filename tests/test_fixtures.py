@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import load_release_pickle, load_safetensors
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
@@ -29,12 +30,6 @@ SHAPES = TINY_SHAPES
 QWEN2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
-def load_package(path):
-    """Load a release pickle the safe way: tensors plus argparse.Namespace only."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, weights_only=True, map_location="cpu")
-
-
 def read_kaldi_binary_matrix(data: bytes) -> np.ndarray:
     """An independent reader of Kaldi's binary double matrix (no key)."""
     assert data[:2] == b"\0B", "binary marker"
@@ -45,16 +40,6 @@ def read_kaldi_binary_matrix(data: bytes) -> np.ndarray:
     body = data[15:]
     assert len(body) == rows * cols * 8
     return np.frombuffer(body, dtype="<f8").reshape(rows, cols)
-
-
-def read_safetensors(folder, names=None):
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                if names is None or name in names:
-                    tensors[name] = f.get_tensor(name)
-    return tensors
 
 
 def conformer_block_shapes(d: int, heads: int, kernel: int) -> dict[str, tuple[int, ...]]:
@@ -113,7 +98,7 @@ def v1_release(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def v1_package(v1_release):
-    return load_package(v1_release.model_dir / "model.pth.tar")
+    return load_release_pickle(v1_release.model_dir / "model.pth.tar")
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +147,7 @@ def test_v2_layout_bundles_qwen2_and_args_only_asr_encoder(tmp_path):
     assert release.llm_dir == release.model_dir / "Qwen2-7B-Instruct"
     assert release.llm_dir.is_dir() and not release.llm_dir.is_symlink()
     assert not (tmp_path / "Qwen2-7B-Instruct").exists()
-    assert set(load_package(release.model_dir / "asr_encoder.pth.tar")) == {"args"}
+    assert set(load_release_pickle(release.model_dir / "asr_encoder.pth.tar")) == {"args"}
     assert (release.llm_dir / "model.safetensors.index.json").is_file()
 
 
@@ -246,7 +231,7 @@ def test_model_checkpoint_adapter_and_lora(v1_package):
 
 def test_lora_merge_changes_the_base_weights_substantially(v1_release, v1_package):
     state = v1_package["model_state_dict"]
-    base = read_safetensors(v1_release.llm_dir, {"model.layers.0.self_attn.q_proj.weight"})
+    base = load_safetensors(v1_release.llm_dir, names={"model.layers.0.self_attn.q_proj.weight"})
     weight = base["model.layers.0.self_attn.q_proj.weight"].float()
     prefix = "llm.base_model.model.model.layers.0.self_attn.q_proj"
     delta = spec.lora_scale(v1_release.lora_alpha, SHAPES.lora_rank) * (
@@ -275,7 +260,7 @@ def test_llm_l_shapes_have_the_released_parameter_counts():
 
 
 def test_asr_encoder_args(v1_release):
-    package = load_package(v1_release.model_dir / "asr_encoder.pth.tar")
+    package = load_release_pickle(v1_release.model_dir / "asr_encoder.pth.tar")
     assert set(package) == {"args"}
     args = package["args"]
     assert (args.idim, args.n_layers_enc, args.n_head, args.d_model, args.kernel_size) == (
@@ -291,8 +276,8 @@ def test_asr_encoder_args(v1_release):
 
 def test_asr_encoder_decoy_weights_differ_from_the_llm_encoder(v1_package, tmp_path):
     release = build_release(tmp_path, SHAPES, seed=0, asr_encoder_weights=True)
-    model_state = load_package(release.model_dir / "model.pth.tar")["model_state_dict"]
-    aed_state = load_package(release.model_dir / "asr_encoder.pth.tar")["model_state_dict"]
+    model_state = load_release_pickle(release.model_dir / "model.pth.tar")["model_state_dict"]
+    aed_state = load_release_pickle(release.model_dir / "asr_encoder.pth.tar")["model_state_dict"]
     # model.pth.tar is the same as without decoys.
     for name, tensor in v1_package["model_state_dict"].items():
         assert torch.equal(model_state[name], tensor)
@@ -305,11 +290,11 @@ def test_asr_encoder_decoy_weights_differ_from_the_llm_encoder(v1_package, tmp_p
 
 def test_encoder_only_in_asr_encoder(v1_package, tmp_path):
     release = build_release(tmp_path, SHAPES, seed=0, encoder_source="asr_encoder")
-    package = load_package(release.model_dir / "model.pth.tar")
+    package = load_release_pickle(release.model_dir / "model.pth.tar")
     assert package["args"].freeze_encoder == 1
     assert not any(k.startswith("encoder.") for k in package["model_state_dict"])
     assert any(k.startswith("encoder_projector.") for k in package["model_state_dict"])
-    aed_state = load_package(release.model_dir / "asr_encoder.pth.tar")["model_state_dict"]
+    aed_state = load_release_pickle(release.model_dir / "asr_encoder.pth.tar")["model_state_dict"]
     # The same encoder a default release keeps in model.pth.tar, now only here.
     for name, tensor in v1_package["model_state_dict"].items():
         if name.startswith("encoder."):
@@ -360,7 +345,7 @@ def test_qwen2_weights_match_transformers_qwen2(v1_release):
     assert config["bos_token_id"] == SHAPES.bpe_vocab_size  # <|endoftext|>
     assert config["eos_token_id"] == SHAPES.bpe_vocab_size + 2  # <|im_end|>
 
-    tensors = read_safetensors(llm_dir)
+    tensors = load_safetensors(llm_dir)
     expected = Qwen2ForCausalLM(AutoConfig.from_pretrained(llm_dir)).state_dict()
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {k: tuple(v.shape) for k, v in expected.items()}
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
@@ -387,7 +372,7 @@ def test_qwen2_forward_is_finite_and_varied(v1_release, qwen2_tokenizer):
 def test_single_shard_and_fp32_llm(tmp_path):
     release = build_release(tmp_path, SHAPES, llm_dtype=torch.float32, llm_shards=1)
     assert not (release.llm_dir / "model.safetensors.index.json").exists()
-    tensors = read_safetensors(release.llm_dir)
+    tensors = load_safetensors(release.llm_dir)
     assert [p.name for p in release.llm_dir.glob("*.safetensors")] == ["model.safetensors"]
     assert all(t.dtype == torch.float32 for t in tensors.values())
     assert json.loads((release.llm_dir / "config.json").read_text())["torch_dtype"] == "float32"
@@ -400,8 +385,8 @@ def test_same_seed_same_release_other_seed_other_weights(v1_release, v1_package,
         assert (again.llm_dir / shard).read_bytes() == (v1_release.llm_dir / shard).read_bytes()
         assert (other.llm_dir / shard).read_bytes() != (v1_release.llm_dir / shard).read_bytes()
     state = v1_package["model_state_dict"]
-    again_state = load_package(again.model_dir / "model.pth.tar")["model_state_dict"]
-    other_state = load_package(other.model_dir / "model.pth.tar")["model_state_dict"]
+    again_state = load_release_pickle(again.model_dir / "model.pth.tar")["model_state_dict"]
+    other_state = load_release_pickle(other.model_dir / "model.pth.tar")["model_state_dict"]
     assert all(torch.equal(again_state[k], v) for k, v in state.items())
     assert not torch.equal(other_state["encoder_projector.linear1.weight"], state["encoder_projector.linear1.weight"])
     assert (again.model_dir / "cmvn.ark").read_bytes() == (v1_release.model_dir / "cmvn.ark").read_bytes()
@@ -411,7 +396,7 @@ def given_weights_of(release, package) -> ReleaseWeights:
     """A written release's own tensors and statistics, as `ReleaseWeights` (what a trainer hands over)."""
     model = {k: v for k, v in package["model_state_dict"].items() if k != "encoder.positional_encoding.pe"}
     stats = read_kaldi_binary_matrix((release.model_dir / "cmvn.ark").read_bytes())
-    return ReleaseWeights(model=model, llm=read_safetensors(release.llm_dir), cmvn_stats=stats)
+    return ReleaseWeights(model=model, llm=load_safetensors(release.llm_dir), cmvn_stats=stats)
 
 
 def test_given_weights_replace_every_random_tensor(v1_release, v1_package, tmp_path):
@@ -421,7 +406,7 @@ def test_given_weights_replace_every_random_tensor(v1_release, v1_package, tmp_p
     written = build_release(tmp_path / "given", SHAPES, seed=5, weights=given)
     for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
         assert (written.llm_dir / shard).read_bytes() == (v1_release.llm_dir / shard).read_bytes()
-    state = load_package(written.model_dir / "model.pth.tar")["model_state_dict"]
+    state = load_release_pickle(written.model_dir / "model.pth.tar")["model_state_dict"]
     assert state.keys() == v1_package["model_state_dict"].keys()
     assert all(torch.equal(state[k], v) for k, v in v1_package["model_state_dict"].items())
     assert (written.model_dir / "cmvn.ark").read_bytes() == (v1_release.model_dir / "cmvn.ark").read_bytes()

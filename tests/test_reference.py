@@ -9,12 +9,6 @@ import torch
 from fireredasr_converter import spec
 from fireredasr_converter.feature_extraction import kaldi_fbank
 from fireredasr_converter.fixtures import synthetic_speech
-from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
-
-
-@pytest.fixture(scope="module")
-def reference(converted_fp32) -> ReferenceFireRedAsrLlm:
-    return ReferenceFireRedAsrLlm.from_pretrained(converted_fp32)
 
 
 def samples_for_frames(num_frames: int) -> int:

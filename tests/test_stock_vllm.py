@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, Qwen2Config
+from conftest import load_safetensors
 from vllm_helpers import (
     CPU_ENGINE_ENV,
     NUM_LOGPROBS,
@@ -36,7 +36,6 @@ from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
 from fireredasr_converter.fixtures import synthetic_speech
 from fireredasr_converter.pipeline import convert
 from fireredasr_converter.stock_vllm import STOCK_ARCHITECTURE, STOCK_AUDIO_TOKEN
-from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
 
 WORKER = Path(__file__).with_name("stock_vllm_worker.py")
 THIRTY_SECONDS = 30 * spec.SAMPLE_RATE
@@ -103,11 +102,6 @@ def stock(stock_repo, clips, tmp_path_factory) -> dict:
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     return json.loads((folder / "result.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def reference(converted_fp32):
-    return ReferenceFireRedAsrLlm.from_pretrained(converted_fp32)
 
 
 def as_logprobs(step: dict[str, float]) -> dict[int, float]:
@@ -195,7 +189,7 @@ def load_weights(repo: Path) -> dict[str, torch.Tensor]:
     weight_map = json.loads((repo / "model.safetensors.index.json").read_text())["weight_map"]
     tensors = {}
     for shard in sorted(set(weight_map.values())):
-        tensors.update(load_file(repo / shard))
+        tensors.update(load_safetensors(repo, shard))
     assert tensors.keys() == weight_map.keys()
     return tensors
 

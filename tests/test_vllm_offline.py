@@ -25,7 +25,6 @@ from fireredasr_converter import spec
 from fireredasr_converter.fixtures import synthetic_speech
 from fireredasr_converter.pipeline import convert
 from fireredasr_vllm.offline import Transcript, shutdown_engine, stream_transcriptions
-from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
 
 pytestmark = pytest.mark.vllm
 
@@ -35,11 +34,6 @@ def llm(converted_fp32):
     engine = start_engine(converted_fp32, "float32")
     yield engine
     shutdown_engine(engine)
-
-
-@pytest.fixture(scope="module")
-def reference(converted_fp32):
-    return ReferenceFireRedAsrLlm.from_pretrained(converted_fp32)
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,6 @@ from fireredasr_converter import spec
 from fireredasr_converter.configuration import FireRedAsrLlmConfig
 from fireredasr_converter.fixtures import synthetic_speech
 from fireredasr_vllm.model import FireRedAsrLlmForConditionalGeneration
-from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
 
 pytestmark = pytest.mark.vllm
 
@@ -132,11 +131,6 @@ def client(server):
 def model_name(converted_fp32):
     # `vllm serve PATH` serves the model under the path it was given.
     return str(converted_fp32)
-
-
-@pytest.fixture(scope="module")
-def reference(converted_fp32):
-    return ReferenceFireRedAsrLlm.from_pretrained(converted_fp32)
 
 
 def wav_bytes(waveform: np.ndarray, sampling_rate: int = spec.SAMPLE_RATE, subtype: str = "PCM_16") -> bytes:
