@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from .errors import ConversionError
-from .hub import HubPushError, PushRequest, check_push_request, hub_options, run_push
+from .hub import HubPushError
+from .hub_cli import PushRequest, check_push_request, hub_options, run_push
 from .pipeline import DEFAULT_TARGET, TARGETS, convert
 from .plan import DEFAULT_MAX_SHARD_SIZE, parse_size
 from .repo_format import DTYPES

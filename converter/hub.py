@@ -1,13 +1,9 @@
 """Pushing a converted repo to the Hugging Face Hub: check it, upload it, compare the Hub's copy with it.
 
-`push_to_hub` does the work with an `HfApi` handed to it (tests hand it a fake);
-`run_push` is what both commands call: it builds the `HfApi`, prints progress
-and the result, and turns every failure into one line and a non-zero exit.
-
-The token goes only into `HfApi(token=...)`; without --token, huggingface_hub
-finds it itself (`HF_TOKEN`, then the stored login). It is looked up here only
-to refuse early when there is none, and to mask it in every error message, in
-case a library error ever quotes a request. It is never printed or written.
+`push_to_hub` does the work with an `HfApi` handed to it (tests hand it a fake)
+and raises; `describe_hub_error` turns a failure into one line naming the cause
+and the fix, `mask_tokens` hides tokens in it. The command-line side (options,
+token lookup, printing, exit status) is in `hub_cli`, not here.
 """
 
 from __future__ import annotations
@@ -17,13 +13,12 @@ import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-import click
-from huggingface_hub import HfApi, ModelCard, get_token
+from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.constants import DEFAULT_REVISION
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.hf_api import RepoFile
@@ -35,7 +30,8 @@ from . import spec
 from .configuration import MODEL_TYPE
 from .plan import format_size
 from .repo_format import INDEX_NAME
-from .repo_files import BASE_LLM_REPO, PROVENANCE_KEY, PUBLISHED_RESULTS
+from .model_card import BASE_LLM_REPO, CARD_NAME, PUBLISHED_RESULTS
+from .provenance import PROVENANCE_KEY
 from .sources import read_safetensors_header
 from .tokenizer import COPIED_FILES, EDITED_FILES
 
@@ -48,7 +44,7 @@ REQUIRED_FILES = (
     *EDITED_FILES,
     "preprocessor_config.json",
     "generation_config.json",
-    "README.md",
+    CARD_NAME,
 )
 # Remote weight files not in the upload are deleted in the same commit: a repo
 # re-pushed after converting with another --max-shard-size would otherwise keep
@@ -227,7 +223,7 @@ def check_converted_repo(folder: Path) -> ConvertedRepo:
     _check_tokenizer(folder, config.get("speech_token_id"))
     for name in ("tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
         _read_json(folder, name)
-    check_model_card(folder / "README.md")
+    check_model_card(folder / CARD_NAME)
     optional = [name for name in COPIED_FILES if (folder / name).is_file()]
     files = sorted({*REQUIRED_FILES, *optional, *shards})
     return ConvertedRepo(
@@ -246,7 +242,7 @@ def point_model_card_at(folder: Path, repo_id: str) -> bool:
     The folder is changed too, not only the upload, so that the Hub's copy and
     the local one stay identical and the post-upload comparison holds.
     """
-    path = folder / "README.md"
+    path = folder / CARD_NAME
     text = path.read_text(encoding="utf-8")
     match = _CARD_SERVE_LINE.search(text)
     if match is None or match.group(1) == repo_id:
@@ -355,7 +351,7 @@ def push_to_hub(
     repo = check_converted_repo(folder)
     if point_model_card_at(repo.folder, repo_id):
         log(f"model card: usage snippets now name {repo_id}")
-        check_model_card(repo.folder / "README.md")
+        check_model_card(repo.folder / CARD_NAME)
     log(f"checked {repo.folder}: {len(repo.files)} files, {repo.num_shards} shard(s), {format_size(repo.total_size)}")
     if repo.left_out:
         log(f"not uploaded (not part of a converted repo): {', '.join(repo.left_out)}")
@@ -394,6 +390,11 @@ def push_to_hub(
     )
 
 
+def resume_advice(create_pr: bool) -> str:
+    """How to resume an interrupted or failed push."""
+    return _RESUME_PR if create_pr else _RESUME
+
+
 def _is_network_error(error: BaseException) -> bool:
     return any(cls.__name__ in _NETWORK_ERROR_NAMES for cls in type(error).__mro__)
 
@@ -406,7 +407,8 @@ def _causes(error: BaseException):
         error = error.__cause__ or error.__context__
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
+    """The first non-blank line of `text`, stripped: error messages are shown as one line."""
     return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
 
 
@@ -424,22 +426,22 @@ def _http_fix(status: int | None, repo_id: str, resume: str) -> str:
 
 def describe_hub_error(error: BaseException, repo_id: str, create_pr: bool = False) -> str:
     """One line for a failed push naming the cause and the fix (print it through `mask_tokens`)."""
-    resume = _RESUME_PR if create_pr else _RESUME
+    resume = resume_advice(create_pr)
     causes = list(_causes(error))
     if any(isinstance(e, OfflineModeIsEnabled) for e in causes):
         return "HF_HUB_OFFLINE is set, so nothing can be pushed: unset it and re-run"
     http = next((e for e in causes if isinstance(e, HfHubHTTPError)), None)
     if http is not None:
         status = http.response.status_code if http.response is not None else None
-        reason = _first_line(http.server_message or "") or _first_line(str(http))
+        reason = first_line(http.server_message or "") or first_line(str(http))
         return f"the Hub refused the request for {repo_id} ({reason}): {_http_fix(status, repo_id, resume)}"
     network = next((e for e in causes if _is_network_error(e)), None)
     if network is not None:
         return (
-            f"could not reach the Hub ({type(network).__name__}: {_first_line(str(network))}): check the network "
+            f"could not reach the Hub ({type(network).__name__}: {first_line(str(network))}): check the network "
             f"(and HF_ENDPOINT / proxy settings), then {resume}"
         )
-    return f"upload to {repo_id} failed ({type(error).__name__}: {_first_line(str(error))}): {resume}"
+    return f"upload to {repo_id} failed ({type(error).__name__}: {first_line(str(error))}): {resume}"
 
 
 def mask_tokens(text: str, secrets: list[str]) -> str:
@@ -447,103 +449,3 @@ def mask_tokens(text: str, secrets: list[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, "***")
     return text
-
-
-@dataclass(frozen=True)
-class PushRequest:
-    """What the command line asked for; the token never appears in repr()."""
-
-    repo_id: str
-    private: bool = False
-    revision: str | None = None
-    create_pr: bool = False
-    commit_message: str | None = None
-    token: str | None = field(default=None, repr=False)
-
-
-def hub_options(command):
-    """The options both `fireredasr-convert --push-to-hub` and `fireredasr-push` take."""
-    options = [
-        click.option("--private", is_flag=True, help="Create the repo as private (an existing public one is refused)."),
-        click.option("--revision", metavar="BRANCH", help="Push to this branch (made if new), or to refs/pr/N."),
-        click.option("--create-pr", is_flag=True, help="Open a pull request against the default branch instead."),
-        click.option("--commit-message", metavar="TEXT", help="Commit title (default: converter version and dtype)."),
-        click.option("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN, then the `hf auth login` one)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def check_push_request(request: PushRequest) -> None:
-    """Everything that can be checked without the network; run before a long conversion."""
-    check_push_arguments(request.repo_id, request.revision, request.create_pr)
-    try:
-        token = request.token or get_token()
-    except Exception as error:  # e.g. a failed OIDC exchange; its message does not carry a token
-        reason = _first_line(str(error))
-        raise HubPushError(f"cannot get a Hub token ({reason}): run `hf auth login` or pass --token") from None
-    if not token:
-        raise HubPushError("no Hub token: run `hf auth login`, set HF_TOKEN, or pass --token")
-
-
-def run_push(folder: Path, request: PushRequest) -> None:
-    """Push `folder` as the command line asked; exits non-zero with one line on any failure."""
-    from . import __version__
-
-    def log(line: str) -> None:
-        click.echo(line, err=True)
-
-    secrets = _known_tokens(request)
-    try:
-        check_push_request(request)
-        api = HfApi(token=request.token, library_name="fireredasr-vllm", library_version=__version__)
-        result = push_to_hub(
-            api,
-            folder,
-            request.repo_id,
-            private=request.private,
-            revision=request.revision,
-            create_pr=request.create_pr,
-            commit_message=request.commit_message,
-            log=log,
-        )
-    except HubPushError as error:
-        _fail(str(error), secrets)
-    except KeyboardInterrupt:
-        _fail(f"interrupted: {_RESUME_PR if request.create_pr else _RESUME}", secrets, 130)
-    except Exception as error:
-        _fail(describe_hub_error(error, request.repo_id, request.create_pr), secrets)
-
-    log(f"commit: {result.commit_url}")
-    comparison = result.comparison
-    for name in comparison.extra_files:
-        log(f"also on the Hub, not from {result.repo.folder}: {name}")
-    if comparison.mismatches:
-        for line in comparison.mismatches:
-            log(f"mismatch: {line}")
-        _fail(
-            f"the Hub copy of {result.repo_id} differs from {result.repo.folder} in "
-            f"{len(comparison.mismatches)} file(s): re-run the same command to upload them again",
-            secrets,
-        )
-    log(
-        f"verified: all {len(result.repo.files)} files on the Hub match {result.repo.folder} "
-        f"({comparison.lfs_files} by LFS sha256, the rest by git blob id)"
-    )
-    click.echo(result.browse_url)
-    click.echo(result.serve_command)
-
-
-def _known_tokens(request: PushRequest) -> list[str]:
-    """The tokens a message could leak: the one given and the one huggingface_hub would use."""
-    try:
-        resolved = get_token()
-    except Exception:  # a failed OIDC exchange: no token to leak
-        resolved = None
-    return [token for token in (request.token, resolved) if token]
-
-
-def _fail(message: str, secrets: list[str], code: int = 1) -> None:
-    click.echo(f"error: {mask_tokens(message, secrets)}", err=True)
-    raise SystemExit(code)

@@ -16,16 +16,10 @@ import torch
 from .errors import ConversionError
 from .plan import DEFAULT_MAX_SHARD_SIZE, BlockBuffers, ConversionPlan, build_plan, describe, format_size, parse_size
 from .release import Release, discover_release
-from .repo_files import (
-    PLUGIN_TARGET,
-    ConversionOptions,
-    InputHasher,
-    OutputFormat,
-    PluginFormat,
-    provenance,
-    write_generation_config,
-)
+from .provenance import PLUGIN_TARGET, ConversionOptions, InputHasher, provenance
+from .repo_configs import write_generation_config
 from .stock_vllm import StockVllmFormat
+from .targets import OutputFormat, PluginFormat
 from .tokenizer import check_tokenizer, write_tokenizer
 from .verify import check_index_and_shards, check_tensor_values
 from .writer import (
@@ -212,7 +206,7 @@ def _write_weights(folder: Path, plan: ConversionPlan, progress: _Progress) -> N
                 raise
     finally:
         background.close()
-    write_index(folder, plan)
+    write_index(folder, plan.total_size, plan.weight_map())
 
 
 def _write_small_files(

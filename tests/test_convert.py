@@ -343,6 +343,7 @@ def test_cli_overwrite_replaces_a_previous_repo(tiny_release, tmp_path):
     assert replaced.stderr == ""
 
 
+@pytest.mark.slow
 def test_console_script_in_a_real_process(tiny_release, tmp_path):
     script = Path(sys.executable).parent / "fireredasr-convert"
     out = tmp_path / "repo"

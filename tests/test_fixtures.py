@@ -16,6 +16,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
 from fireredasr_converter import fixtures, spec
+from fireredasr_converter.fixtures.cli import main as fixtures_main
+from fireredasr_converter.fixtures.layout import qwen2_config
 from fireredasr_converter.fixtures import (
     LLM_L_SHAPES,
     TINY_SHAPES,
@@ -249,7 +251,7 @@ def test_llm_l_shapes_have_the_released_parameter_counts():
     assert len(expected_encoder_shapes(shapes)) == 551
     adapter = 2 * shapes.encoder_dim * shapes.llm_hidden + shapes.llm_hidden**2 + 2 * shapes.llm_hidden
     assert round(adapter / 1e6, 1) == 22.0
-    config = fixtures._qwen2_config(shapes, torch.bfloat16, dict.fromkeys(QWEN2_SPECIALS, 0))
+    config = qwen2_config(shapes, torch.bfloat16, dict.fromkeys(QWEN2_SPECIALS, 0))
     config = AutoConfig.for_model(config.pop("model_type"), **config)
     with torch.device("meta"):
         qwen2 = Qwen2ForCausalLM(config)
@@ -532,7 +534,8 @@ def test_synthetic_speech_is_deterministic_speech_like_audio():
         synthetic_speech(-1)
 
 
-def test_command_line_builds_a_release(tmp_path):
+@pytest.mark.slow
+def test_python_m_builds_a_release(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "fireredasr_converter.fixtures", str(tmp_path), "--variant", "v2", "--seed", "3"],
         capture_output=True,
@@ -543,7 +546,14 @@ def test_command_line_builds_a_release(tmp_path):
     assert (tmp_path / "FireRedASR2-LLM" / "Qwen2-7B-Instruct" / "config.json").is_file()
     assert (tmp_path / "FireRedASR2-LLM" / "model.pth.tar").is_file()
 
-    again = CliRunner().invoke(fixtures.main, [str(tmp_path), "--variant", "v2"])
+
+def test_command_line_builds_a_release(tmp_path):
+    result = CliRunner().invoke(fixtures_main, [str(tmp_path), "--variant", "v2", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "FireRedASR2-LLM" / "Qwen2-7B-Instruct" / "config.json").is_file()
+    assert (tmp_path / "FireRedASR2-LLM" / "model.pth.tar").is_file()
+
+    again = CliRunner().invoke(fixtures_main, [str(tmp_path), "--variant", "v2"])
     assert again.exit_code != 0 and "already exists" in again.output
-    bad_scale = CliRunner().invoke(fixtures.main, [str(tmp_path / "x"), "--scale", "2"])
+    bad_scale = CliRunner().invoke(fixtures_main, [str(tmp_path / "x"), "--scale", "2"])
     assert bad_scale.exit_code != 0 and "scale must be in (0, 1]" in bad_scale.output

@@ -23,7 +23,7 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash
 
-from fireredasr_converter import __version__, hub
+from fireredasr_converter import __version__, hub_cli
 from fireredasr_converter.cli import main, push_main
 from fireredasr_converter.hub import HubPushError, check_converted_repo, check_model_card, push_to_hub
 
@@ -326,7 +326,7 @@ def hub_factory(monkeypatch, repo):
         built.kwargs = kwargs
         return built.api
 
-    monkeypatch.setattr(hub, "HfApi", factory)
+    monkeypatch.setattr(hub_cli, "HfApi", factory)
     return built
 
 
@@ -347,7 +347,7 @@ def assert_token_nowhere(token: str, outputs: list[str], folders: list[Path]) ->
 
 
 def test_conversion_without_push_makes_no_network_call(tiny_release, tmp_path, no_network, monkeypatch):
-    monkeypatch.setattr(hub, "HfApi", Mock(side_effect=AssertionError("HfApi built without --push-to-hub")))
+    monkeypatch.setattr(hub_cli, "HfApi", Mock(side_effect=AssertionError("HfApi built without --push-to-hub")))
     args = [str(tiny_release.model_dir), str(tmp_path / "out"), "--dtype", "fp32", "--quiet"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
@@ -391,7 +391,7 @@ def test_unreachable_hub_fails_with_one_line(repo, hub_home, monkeypatch):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    monkeypatch.setattr(hub, "HfApi", lambda **kwargs: HfApi(endpoint=f"http://127.0.0.1:{port}", **kwargs))
+    monkeypatch.setattr(hub_cli, "HfApi", lambda **kwargs: HfApi(endpoint=f"http://127.0.0.1:{port}", **kwargs))
     result = CliRunner().invoke(push_main, [str(repo), REPO_ID, "--token", FAKE_TOKEN])
     assert result.exit_code == 1
     line = error_line(result)
@@ -454,6 +454,7 @@ def test_bad_repo_id_is_refused_before_converting(tiny_release, tmp_path, hub_fa
     assert not (tmp_path / "out").exists() and hub_factory.kwargs is None
 
 
+@pytest.mark.slow
 def test_push_console_script_in_a_real_process(tmp_path):
     script = Path(sys.executable).parent / "fireredasr-push"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
