@@ -1,4 +1,8 @@
-"""`fireredasr-convert SRC OUT` (`fireredasr_converter.pipeline.convert`) and `fireredasr-push OUT ORG/NAME`."""
+"""The commands `fireredasr-convert SRC OUT` and `fireredasr-push OUT ORG/NAME`: options, errors, exit status.
+
+The conversion is `pipeline.convert`; the push options and output are
+`hub_cli`'s, the push itself `hub`'s.
+"""
 
 from __future__ import annotations
 

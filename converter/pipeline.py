@@ -1,4 +1,9 @@
-"""`convert()`: discover the release, plan the output, stream the tensors, verify, move into place."""
+"""`convert()`: discover the release, plan the output, stream the tensors, verify, move into place.
+
+Also the `--target` table and the progress lines. The contents of the small
+files come from the target (`targets`, `stock_vllm`), `repo_configs`,
+`tokenizer` and `provenance`; the command line is `cli`.
+"""
 
 from __future__ import annotations
 

@@ -14,7 +14,10 @@ for FireRedASR2-LLM, whose architecture is FireRedASR-LLM-L's. What it reads:
 
 Everything else (plan, streaming, LoRA merge, verification, generation config,
 provenance) is the shared pipeline. Nothing here imports vLLM: the export is
-written from the facts in `spec` and the names above.
+written from the facts in `spec` and the names above. The one serve-time piece,
+`enable_stock_processor_without_torchvision`, is called by the processes that
+serve the export (`tests/stock_vllm_worker.py`, `benchmarks/serve.py`), not by
+the converter.
 """
 
 from __future__ import annotations

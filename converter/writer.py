@@ -1,4 +1,10 @@
-"""Writing the converted repo: streamed safetensors shards and an atomically placed folder."""
+"""Writing safetensors files and the converted repo: headers, streamed shards, the index, an atomically placed folder.
+
+`safetensors_header` and `write_index` are also what the fixture builder writes
+its Qwen2 folders with. What goes into which shard is `plan`'s; checking what
+was written is `verify`'s; the small JSON and Markdown files are written by
+`repo_configs`, `tokenizer` and `model_card`.
+"""
 
 from __future__ import annotations
 
