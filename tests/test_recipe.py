@@ -400,9 +400,31 @@ def test_a_refused_clip_is_reported_and_the_others_go_on(llm, recipe_clips, vllm
 
 
 @pytest.mark.vllm
+def test_beams_keep_their_requests_running(llm, recipe_clips, vllm_recipe, monkeypatch):
+    # A beam extended with the token its request went on with keeps that request (and its
+    # KV cache); only the other extensions start new requests. With a request per running
+    # beam per step (vLLM's own beam search design) there would be one per beam-step.
+    started, beam_steps = [], []
+    add_request, advance = llm.llm_engine.add_request, ClipBeamSearch.advance
+
+    def counting_requests(request_id, *args, **kwargs):
+        started.append(request_id)
+        return add_request(request_id, *args, **kwargs)
+
+    def counting_beams(search, logprobs_per_beam):
+        beam_steps.append(len(logprobs_per_beam))
+        return advance(search, logprobs_per_beam)
+
+    monkeypatch.setattr(llm.llm_engine, "add_request", counting_requests)
+    monkeypatch.setattr(ClipBeamSearch, "advance", counting_beams)
+    assert token_ids(transcriptions(llm, recipe_clips.items(), ORIGINAL_RECIPE)) == vllm_recipe
+    assert len(started) <= 0.5 * sum(beam_steps)
+
+
+@pytest.mark.vllm
 def test_beam_requests_reuse_the_prompt_from_the_prefix_cache(llm, vllm_recipe):
-    # Each beam is a new request every step; unless its prompt's KV blocks come from the
-    # prefix cache it is recomputed whole (as with the CPU backend's default 128-token
-    # blocks: no hits at all, beam search 3.3x slower).
+    # A beam extended with another token than its request's is a new request; unless its
+    # prompt's KV blocks come from the prefix cache it is recomputed whole (as with the CPU
+    # backend's default 128-token blocks: no hits at all, beam search 3.3x slower).
     counters = {m.name: m.value for m in llm.get_metrics() if m.name.startswith("vllm:prefix_cache_")}
     assert counters["vllm:prefix_cache_hits"] >= 0.3 * counters["vllm:prefix_cache_queries"] > 0

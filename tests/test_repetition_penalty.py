@@ -10,6 +10,8 @@
   flush, `apply_staged_writes`, `apply(logits, LogitsContext)`, then the sampled
   token written at `total_len`; slots recycled without notice, chunked prefill
   and a resumed (preempted) request.
+- A request may carry tokens generated before it (`PRIOR_TOKENS_ARG`, beam
+  search's continued beams): both classes penalise them with its own.
 - Bad values are refused with a message naming the argument, also through
   vLLM's frontend validators; each runner's loader accepts the right classes.
 """
@@ -36,12 +38,14 @@ from vllm.v1.worker.gpu.sample.logits_processor import (
 
 from fireredasr_vllm import repetition_penalty as rp
 from fireredasr_vllm.repetition_penalty import (
+    PRIOR_TOKENS_ARG,
     REQUEST_ARG,
     HFRepetitionPenalty,
     HFRepetitionPenaltyV1,
     HFRepetitionPenaltyV2,
     apply_hf_repetition_penalty,
     penalty_from_params,
+    prior_tokens_from_params,
     processor_class,
 )
 
@@ -50,8 +54,10 @@ CPU = torch.device("cpu")
 FQCN = "fireredasr_vllm.repetition_penalty:HFRepetitionPenalty"
 
 
-def params(penalty=None, **kwargs) -> SamplingParams:
+def params(penalty=None, prior=None, **kwargs) -> SamplingParams:
     extra = None if penalty is None else {REQUEST_ARG: penalty}
+    if prior is not None:
+        extra = {**(extra or {}), PRIOR_TOKENS_ARG: prior}
     return SamplingParams(temperature=0.0, extra_args=extra, **kwargs)
 
 
@@ -111,11 +117,12 @@ class V1Batch:
         self.processor = processor
         self.builder = BatchUpdateBuilder()
         self.rows: list[str | None] = []
-        self.requests: dict[str, tuple[float | None, list[int]]] = {}
+        self.requests: dict[str, tuple[float | None, list[int], list[int]]] = {}
 
     def add(self, req_id: str, sampling_params: SamplingParams, outputs: list[int] | None = None) -> None:
         outputs = [] if outputs is None else outputs
-        self.requests[req_id] = (penalty_from_params(sampling_params), outputs)
+        prior = prior_tokens_from_params(sampling_params)
+        self.requests[req_id] = (penalty_from_params(sampling_params), outputs, prior)
         index = self.builder.pop_removed()
         if index is None:
             index = len(self.rows)
@@ -153,8 +160,8 @@ class V1Batch:
         logits = random_logits(len(self.rows), gen)
         actual = self.processor.apply(logits.clone())
         for row, req_id in enumerate(self.rows):
-            penalty, outputs = self.requests[req_id]
-            generated = [t for t in outputs if t >= 0]
+            penalty, outputs, prior = self.requests[req_id]
+            generated = prior + [t for t in outputs if t >= 0]
             expected = hf_expected(logits[row], generated, penalty)
             assert_bitwise_equal(actual[row], expected)
             if penalty is not None and any(t > 1 for t in generated):  # 0 and 1: logits 0, -inf
@@ -198,6 +205,8 @@ def test_v1_batch_bookkeeping(kind):
     batch.generate(rng)
     batch.step(gen)
     assert batch.rows[0] == "e"
+    batch.add("h", params(3.0, prior=[5, 21, 21, 38]))  # continues a generation: penalised from the start
+    batch.step(gen)
 
     batch.swap(0, 2)
     batch.generate(rng)
@@ -220,7 +229,7 @@ def test_v1_batch_bookkeeping(kind):
     batch.step(gen)
 
     # Removing everything penalised: apply returns the very tensor, untouched.
-    for req_id in ("e", "f"):
+    for req_id in ("e", "f", "h"):
         batch.remove(req_id)
     batch.condense()
     batch.processor.update_state(batch.builder.get_and_reset(len(batch.rows)))
@@ -272,6 +281,7 @@ class V2Runner:
         self.prompts: dict[str, list[int]] = {}
         self.outputs: dict[str, list[int]] = {}
         self.penalties: dict[str, float | None] = {}
+        self.prior: dict[str, list[int]] = {}
 
     def slot(self, req_id: str) -> int:
         return self.req_states.req_id_to_index[req_id]
@@ -280,6 +290,7 @@ class V2Runner:
         tokens = list(prompt) + list(outputs)
         self.req_states.add_request(req_id, len(prompt), tokens, 0, 32)
         self.prompts[req_id], self.outputs[req_id] = list(prompt), list(outputs)
+        self.prior[req_id] = prior_tokens_from_params(sampling_params)
         self.penalties[req_id] = penalty_from_params(sampling_params)
         self.processor.add_request(self.slot(req_id), sampling_params)
         # RequestState.apply_staged_writes (its device writes need Triton): same result.
@@ -315,7 +326,8 @@ class V2Runner:
         logits = random_logits(len(req_ids), gen)
         actual = self.processor.apply(logits.clone(), ctx)
         for row, req_id in enumerate(req_ids):
-            expected = hf_expected(logits[row], self.outputs[req_id], self.penalties[req_id])
+            generated = self.prior[req_id] + self.outputs[req_id]
+            expected = hf_expected(logits[row], generated, self.penalties[req_id])
             assert_bitwise_equal(actual[row], expected)
         # post_update: each request that finished prefilling samples one token,
         # written at total_len; total_len grows by one.
@@ -363,14 +375,21 @@ def test_v2_runner_bookkeeping(kind, v2_request_state):
     for _ in range(3):
         runner.step(["e", "b", "d"], gen, rng)
 
-    # b is preempted and comes back in another slot with its outputs in the prefill.
+    # b is preempted and comes back in another slot with its outputs in the prefill;
+    # f has tokens in its prefill too, and tokens generated before it (a continued beam).
     b_outputs = runner.outputs["b"]
     runner.remove("b")
-    runner.add("f", prompt, params(2.0), outputs=[11, 11, 12])
+    runner.add("f", prompt, params(2.0, prior=[13, 11, 30]), outputs=[11, 11, 12])
     runner.add("b", prompt, params(), outputs=b_outputs)
     for _ in range(3):
         runner.step(["f", "e", "d", "b"], gen, rng)
     assert len(runner.outputs["e"]) == 6 and len(runner.outputs["f"]) == 6
+    # A slot's next occupant does not inherit the prior tokens.
+    slot_f = runner.slot("f")
+    runner.remove("f")
+    runner.add("g", prompt, params(3.0))
+    assert runner.slot("g") == slot_f
+    runner.step(["g", "e"], gen, rng)
 
     # No penalised request scheduled: apply hands back the very tensor.
     ctx_slots = np.array([runner.slot("d"), runner.slot("b")], dtype=np.int32)
@@ -389,7 +408,7 @@ def test_v2_add_request_reports_whether_it_acts(v2_request_state):
     assert processor.add_request(2, params(1.0)) is False
     # The slot's next occupant without the argument turns it off again.
     assert processor.add_request(0, params()) is False
-    assert processor.pending == set()
+    assert not processor.pending
 
 
 def test_v2_refuses_speculative_decoding(v2_request_state):
@@ -409,6 +428,17 @@ def test_bad_values_are_refused(value):
     assert repr(value) in str(err.value) and "extra_args" in str(err.value)
     for kind in (HFRepetitionPenaltyV1, HFRepetitionPenaltyV2, HFRepetitionPenalty):
         with pytest.raises(ValueError, match=REQUEST_ARG):
+            kind.validate_params(sampling_params)
+
+
+@pytest.mark.parametrize("value", [3, [1, -2], [1.0, 2], ["7"], [True], {"a": 1}])
+def test_bad_prior_tokens_are_refused(value):
+    sampling_params = params(3.0, prior=value)
+    with pytest.raises(ValueError, match=rf"{PRIOR_TOKENS_ARG} must be a list of token ids") as err:
+        prior_tokens_from_params(sampling_params)
+    assert repr(value) in str(err.value)
+    for kind in (HFRepetitionPenaltyV1, HFRepetitionPenaltyV2, HFRepetitionPenalty):
+        with pytest.raises(ValueError, match=PRIOR_TOKENS_ARG):
             kind.validate_params(sampling_params)
 
 

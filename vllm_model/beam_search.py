@@ -32,19 +32,26 @@ stop a step earlier than 4.x. This module follows 4.x.
 
 `ClipBeamSearch` is that bookkeeping for one clip, fed one step at a time
 with each running beam's log-probabilities, without an engine (unit-tested
-against transformers' own beam search). `batched_beam_search` drives
-many clips at once on a vLLM engine the way vLLM's own `LLM.beam_search`
-does: each step, every running beam is a request for one token with its raw
-top log-probabilities; its prompt is the clip's rendered prompt plus the
-beam's tokens, with the clip's audio attached. Prefix caching serves the
-shared prompt, and the audio's encoder output comes from the prefix cache or
-vLLM's encoder cache (keyed by the audio's hash), so the speech encoder runs
-once per clip, not once per beam per step (`tests/test_recipe.py` counts it).
+against transformers' own beam search). `batched_beam_search` drives many
+clips at once on a vLLM engine with one running request per beam: the request
+generates greedily (with the beam's repetition penalty, stop tokens masked),
+returning its raw top log-probabilities at every step, so when the search
+extends the beam with the token the request went on with (most extensions),
+the request simply goes on, its KV cache reused. Any other extension starts a
+new request whose prompt is the clip's prompt plus the beam's tokens: prefix
+caching serves its whole KV blocks and it recomputes only the last partial
+block (vLLM's own `LLM.beam_search` instead sends every beam as a new one-token
+request every step). The audio's encoder output comes from the prefix cache
+or vLLM's encoder cache (keyed by the audio's hash), so the speech encoder
+runs once per clip, not once per beam per step (`tests/test_recipe.py` counts
+both).
 """
 
 from __future__ import annotations
 
+import itertools
 import uuid
+from collections import deque
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -65,6 +72,8 @@ class Beam:
     token_ids: list[int]
     score: np.float32
     seen: frozenset[int] = field(default_factory=frozenset)
+    # Index of the beam it extends in the previous step's running beams.
+    parent: int = 0
 
 
 @dataclass(frozen=True)
@@ -166,6 +175,11 @@ class ClipBeamSearch:
         extra = len(beam.seen) if self.repetition_penalty != 1.0 else 0
         return 2 * self.num_beams + extra
 
+    def logprobs_bound(self) -> int:
+        """Top raw log-probabilities that suffice for any beam of this clip at any step (see `logprobs_needed`)."""
+        longest_history = self.max_new_tokens - 1 if self.repetition_penalty != 1.0 else 0
+        return 2 * self.num_beams + longest_history
+
     def _candidates(self, beam_index: int, beam: Beam, logprobs: dict[int, float]) -> list[tuple]:
         candidates = []
         unpenalised = 0
@@ -205,7 +219,7 @@ class ClipBeamSearch:
                 if rank < K:
                     self.hypotheses.add(beam.token_ids, total, cur_len)
             else:
-                next_beams.append(Beam(beam.token_ids + [token], total, beam.seen | {token}))
+                next_beams.append(Beam(beam.token_ids + [token], total, beam.seen | {token}, beam_index))
                 if len(next_beams) == K:
                     break
         if len(next_beams) < K:
@@ -230,18 +244,31 @@ class ClipBeamSearch:
         return tokens
 
 
-def _beam_params(num_logprobs: int):
+def _stream_params(max_tokens: int, num_logprobs: int, repetition_penalty: float, prior_tokens: list[int]):
+    """A beam's request: greedy continuation with the beam's penalty, raw top log-probabilities at every step."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    # One token per request; only its raw log-probabilities are used (vLLM's
-    # default logprobs mode is the log-softmax of the unprocessed logits).
+    from .repetition_penalty import PRIOR_TOKENS_ARG, REQUEST_ARG
+
+    # The penalty (when the engine has HFRepetitionPenalty) only steers which
+    # token the request continues with, towards the beam's likeliest
+    # continuation; the search itself uses the raw log-probabilities (vLLM's
+    # default logprobs mode: the log-softmax of the unprocessed logits).
+    extra_args = None
+    if repetition_penalty != 1.0:
+        extra_args = {REQUEST_ARG: repetition_penalty, PRIOR_TOKENS_ARG: prior_tokens}
     return SamplingParams(
         temperature=0.0,
-        max_tokens=1,
+        max_tokens=max_tokens,
+        # A running beam never takes <|im_end|> (that candidate becomes a finished
+        # hypothesis), so the request's guess is the best other token: stop tokens are
+        # masked for its whole length, and it never ends before max_tokens.
+        min_tokens=max_tokens,
         logprobs=num_logprobs,
         detokenize=False,
-        output_kind=RequestOutputKind.FINAL_ONLY,
+        output_kind=RequestOutputKind.DELTA,
+        extra_args=extra_args,
     )
 
 
@@ -259,13 +286,29 @@ def _beam_prompt(rendered: dict, token_ids: list[int]) -> dict:
 
 
 @dataclass
+class _Stream:
+    """A running request that generates one beam's continuation greedily.
+
+    `steps` holds what it produced and the search has not used yet, one entry
+    per position: (the token it continued with, raw top log-probabilities).
+    """
+
+    request_id: str
+    steps: deque[tuple[int, dict[int, float]]] = field(default_factory=deque)
+    finished: bool = False
+
+    def has_more(self) -> bool:
+        return bool(self.steps) or not self.finished
+
+
+@dataclass
 class _ActiveClip:
     key: Hashable
     rendered: dict
     search: ClipBeamSearch
-    # request id -> index of the running beam it asks for
-    pending: dict[str, int] = field(default_factory=dict)
-    results: dict[int, dict[int, float]] = field(default_factory=dict)
+    num_logprobs: int
+    # One stream per running beam of `search`, in the same order.
+    streams: list[_Stream] = field(default_factory=list)
 
 
 def batched_beam_search(
@@ -282,11 +325,17 @@ def batched_beam_search(
 ) -> Iterator[tuple[Key, object]]:
     """Transformers-4.x beam search for many clips at once on one engine; yields (key, Transcript | Exception) as clips finish.
 
-    Up to `max_in_flight` clips decode together (each with up to `beam_size`
-    requests per step in the engine); the next clip is pulled from `clips` when
-    one finishes. A clip advances as soon as all of its beams' requests are
-    back, so clips of different lengths never wait for each other. A clip the
-    engine refuses comes back as its exception; the others go on.
+    Up to `max_in_flight` clips decode together, each with one running request
+    per beam; the next clip is pulled from `clips` when one finishes. A beam's
+    request keeps generating greedily (with the beam's repetition penalty, so
+    its guess is usually the token the search picks): when the search extends
+    the beam with the token the request went on with, the request goes on
+    serving that beam and its KV cache is reused; any other extension starts a
+    new request whose prompt is the clip's prompt plus the beam's tokens
+    (prefix caching serves all but its last partial KV block), and a request
+    no beam continues is aborted. A clip advances as soon as each of its beams
+    has its next log-probabilities, so clips never wait for each other. A clip
+    the engine refuses comes back as its exception; the others go on.
     `max_new_tokens=None` is the original's per-clip limit N.
     """
     from vllm import RequestOutput
@@ -299,29 +348,64 @@ def batched_beam_search(
     max_logprobs = engine.model_config.max_logprobs
     eos_token_id = llm.get_tokenizer().convert_tokens_to_ids(spec.EOS_TOKEN)
     id_prefix = f"fireredasr-beam-{uuid.uuid4().hex[:8]}-"
+    request_numbers = itertools.count()
     pending_clips = iter(enumerate(clips))
     active: dict[int, _ActiveClip] = {}
-    owner: dict[str, int] = {}  # request id -> clip number
+    owner: dict[str, tuple[int, _Stream]] = {}  # running request id -> (clip number, its stream)
     exhausted = False
 
-    def submit(number: int, clip: _ActiveClip) -> None:
-        """Send one request per running beam of the clip (raises the engine's refusal)."""
-        step = clip.search.step
-        for index, beam in enumerate(clip.search.running()):
-            wanted = clip.search.logprobs_needed(beam)
-            # -1 (no limit) or a cap the engine was started with; ClipBeamSearch checks it sufficed.
-            num_logprobs = wanted if max_logprobs < 0 else min(wanted, max_logprobs)
-            request_id = f"{id_prefix}{number}-{step}-{index}"
-            engine.add_request(request_id, _beam_prompt(clip.rendered, beam.token_ids), _beam_params(num_logprobs))
-            clip.pending[request_id] = index
-            owner[request_id] = number
+    def start_stream(number: int, clip: _ActiveClip, beam: Beam) -> _Stream:
+        """A request continuing `beam` (raises the engine's refusal)."""
+        stream = _Stream(f"{id_prefix}{number}-{next(request_numbers)}")
+        params = _stream_params(
+            clip.search.max_new_tokens - len(beam.token_ids),
+            clip.num_logprobs,
+            clip.search.repetition_penalty,
+            beam.token_ids,
+        )
+        engine.add_request(stream.request_id, _beam_prompt(clip.rendered, beam.token_ids), params)
+        owner[stream.request_id] = (number, stream)
+        return stream
 
-    def drop(number: int) -> None:
-        clip = active.pop(number)
-        if clip.pending:
-            engine.abort_request(list(clip.pending))
-            for request_id in clip.pending:
-                owner.pop(request_id, None)
+    def abort(streams: Iterable[_Stream]) -> None:
+        running = [s.request_id for s in streams if s.request_id in owner]
+        if running:
+            engine.abort_request(running)
+            for request_id in running:
+                del owner[request_id]
+
+    def drop(number: int) -> _ActiveClip | None:
+        """Forget a clip and abort its requests, including any started in a step that then failed."""
+        abort([stream for owning, stream in owner.values() if owning == number])
+        return active.pop(number, None)
+
+    def advance(number: int, clip: _ActiveClip) -> bool:
+        """Step the clip's search while every beam has its next log-probabilities; True when it is done."""
+        search = clip.search
+        while all(stream.steps for stream in clip.streams):
+            taken = [stream.steps.popleft() for stream in clip.streams]
+            search.advance([logprobs for _, logprobs in taken])
+            if search.done:
+                abort(clip.streams)
+                return True
+            streams: list[_Stream] = []
+            kept: set[int] = set()
+            for beam in search.running():
+                parent = clip.streams[beam.parent]
+                if beam.parent not in kept and taken[beam.parent][0] == beam.token_ids[-1] and parent.has_more():
+                    kept.add(beam.parent)
+                    streams.append(parent)
+                else:
+                    streams.append(start_stream(number, clip, beam))
+            abort(stream for index, stream in enumerate(clip.streams) if index not in kept)
+            clip.streams = streams
+        if not all(stream.has_more() for stream in clip.streams):
+            # vLLM ended a request early: at max_model_len (finish reason "length").
+            raise ValueError(
+                f"the engine ended a beam after {search.step} new tokens, before this clip's limit of "
+                f"{search.max_new_tokens}: start the engine with a larger max_model_len"
+            )
+        return False
 
     try:
         while True:
@@ -340,39 +424,40 @@ def batched_beam_search(
                         repetition_penalty=repetition_penalty,
                         length_penalty=length_penalty,
                     )
+                    wanted = search.logprobs_bound()
+                    # -1 (no limit) or a cap the engine was started with; ClipBeamSearch checks it sufficed.
+                    num_logprobs = wanted if max_logprobs < 0 else min(wanted, max_logprobs)
                     # Rendered (audio processed, hashed, placeholders expanded) once per clip.
                     (rendered,) = llm.renderer.render_cmpl([transcription_request(waveform, sampling_rate, prompt)])
-                    clip = _ActiveClip(key, rendered, search)
+                    clip = _ActiveClip(key, rendered, search, num_logprobs)
                     active[number] = clip
-                    submit(number, clip)
+                    clip.streams = [start_stream(number, clip, beam) for beam in search.running()]
                 except request_errors() as error:
-                    if number in active:
-                        drop(number)
+                    drop(number)
                     yield key, error
             if not active:
                 return
-            finished: list[int] = []
+            touched: set[int] = set()
             for output in engine.step():
-                if not isinstance(output, RequestOutput) or not output.finished:
+                if not isinstance(output, RequestOutput):
                     continue
-                number = owner.pop(output.request_id, None)
-                if number is None:
+                entry = owner.get(output.request_id)
+                if entry is None:
                     continue
-                clip = active[number]
-                index = clip.pending.pop(output.request_id)
-                step_logprobs = output.outputs[0].logprobs
-                clip.results[index] = (
-                    {token: entry.logprob for token, entry in step_logprobs[0].items()} if step_logprobs else {}
-                )
-                if not clip.pending:
-                    finished.append(number)
-            for number in finished:
-                clip = active[number]
+                number, stream = entry
+                completion = output.outputs[0]
+                for token, logprobs in zip(completion.token_ids, completion.logprobs or ()):
+                    stream.steps.append((token, {t: lp.logprob for t, lp in logprobs.items()}))
+                if output.finished:
+                    stream.finished = True
+                    del owner[output.request_id]
+                touched.add(number)
+            for number in sorted(touched):
+                clip = active.get(number)
+                if clip is None:
+                    continue
                 try:
-                    clip.search.advance([clip.results[i] for i in range(len(clip.search.running()))])
-                    clip.results.clear()
-                    if not clip.search.done:
-                        submit(number, clip)
+                    if not advance(number, clip):
                         continue
                 except request_errors() as error:
                     drop(number)

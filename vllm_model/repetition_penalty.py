@@ -31,6 +31,13 @@ Asking for it (per request, the key `REQUEST_ARG`)::
     {"vllm_xargs": {"repetition_penalty_hf": 3.0}}     # OpenAI JSON requests
     -F 'vllm_xargs={"repetition_penalty_hf": 3.0}'    # /v1/audio/transcriptions
 
+A request that continues a generation (its prompt ends with tokens generated
+earlier, as beam search's new beams do) names those tokens with
+`PRIOR_TOKENS_ARG`, and they are penalised as if it had generated them::
+
+    SamplingParams(extra_args={"repetition_penalty_hf": 3.0,
+                               "repetition_penalty_hf_prior_tokens": [101, 2048]})
+
 A request without the key, or with 1.0, is not touched. Never register these
 classes under vLLM's `vllm.logits_processors` entry point: those load for every
 model served on the machine. Neither runner supports custom logits processors
@@ -56,6 +63,10 @@ if TYPE_CHECKING:
 
 # The key of `SamplingParams.extra_args` (`vllm_xargs` in OpenAI requests).
 REQUEST_ARG = "repetition_penalty_hf"
+# Optional, with REQUEST_ARG: token ids generated before this request, which the
+# penalty covers as if the request had generated them (a generation continued
+# in a new request whose prompt ends with them, as beam search's forks are).
+PRIOR_TOKENS_ARG = "repetition_penalty_hf_prior_tokens"
 
 # The original recipe's value (FireRedASR examples/inference_fireredasr_llm.sh).
 RECIPE_PENALTY = 3.0
@@ -106,6 +117,19 @@ def penalty_from_params(params: SamplingParams) -> float | None:
     return penalty
 
 
+def prior_tokens_from_params(params: SamplingParams) -> list[int]:
+    """The request's `PRIOR_TOKENS_ARG` (empty when absent); ValueError naming the fix for anything but a list of token ids."""
+    value = (params.extra_args or {}).get(PRIOR_TOKENS_ARG, [])
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(token, int) and not isinstance(token, bool) and token >= 0 for token in value
+    ):
+        raise ValueError(
+            f"{PRIOR_TOKENS_ARG} must be a list of token ids (integers >= 0) generated before this "
+            f"request, got {value!r}"
+        )
+    return list(value)
+
+
 def _refuse_speculative_decoding(vllm_config: Any) -> None:
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise ValueError(
@@ -117,13 +141,14 @@ def _refuse_speculative_decoding(vllm_config: Any) -> None:
 class _History:
     """One V1 request: its penalty and the distinct tokens it has generated."""
 
-    __slots__ = ("penalty", "output_ids", "seen", "counted")
+    __slots__ = ("penalty", "output_ids", "prior", "seen", "counted")
 
-    def __init__(self, penalty: float, output_ids: list[int]):
+    def __init__(self, penalty: float, output_ids: list[int], prior: list[int]):
         self.penalty = penalty
         # vLLM's live list of the request's output tokens: it grows in place.
         self.output_ids = output_ids
-        self.seen: set[int] = set()
+        self.prior = prior
+        self.seen: set[int] = set(prior)
         self.counted = 0
 
     def refresh(self) -> set[int]:
@@ -131,7 +156,7 @@ class _History:
         ids = self.output_ids
         if len(ids) < self.counted:
             # vLLM dropped tokens (a failed KV load): count the list again.
-            self.seen.clear()
+            self.seen = set(self.prior)
             self.counted = 0
         for token in ids[self.counted :]:
             if token < 0:
@@ -156,6 +181,7 @@ class HFRepetitionPenaltyV1(V1LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         penalty_from_params(sampling_params)
+        prior_tokens_from_params(sampling_params)
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         self.device = device
@@ -176,7 +202,7 @@ class HFRepetitionPenaltyV1(V1LogitsProcessor):
                 # The row may have held another request.
                 self.requests.pop(index, None)
             else:
-                self.requests[index] = _History(penalty, output_ids)
+                self.requests[index] = _History(penalty, output_ids, prior_tokens_from_params(params))
         for source, target, direction in batch_update.moved:
             moving = self.requests.pop(source, None)
             displaced = self.requests.pop(target, None)
@@ -232,6 +258,7 @@ class HFRepetitionPenaltyV2(V2LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         penalty_from_params(sampling_params)
+        prior_tokens_from_params(sampling_params)
 
     def __init__(self, vllm_config: VllmConfig, req_states: LogitsProcRequestState) -> None:
         _refuse_speculative_decoding(vllm_config)
@@ -241,25 +268,29 @@ class HFRepetitionPenaltyV2(V2LogitsProcessor):
         # Allocated up front, so that vLLM's memory profiling sees it: 1 byte per
         # slot and vocabulary entry (a quarter of vLLM's own penalty counts).
         self.seen = torch.zeros(req_states.max_num_reqs, self.vocab_size, dtype=torch.bool, device=req_states.device)
-        # Slots whose new occupant's mask row apply_staged_writes has still to fill.
-        self.pending: set[int] = set()
+        # Slots whose new occupant's mask row apply_staged_writes has still to fill,
+        # with the occupant's prior tokens.
+        self.pending: dict[int, list[int]] = {}
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
         penalty = penalty_from_params(sampling_params)
         if penalty is None:
             self.penalty[req_idx] = 1.0
-            self.pending.discard(req_idx)
+            self.pending.pop(req_idx, None)
             return False
         self.penalty[req_idx] = penalty
-        self.pending.add(req_idx)
+        self.pending[req_idx] = prior_tokens_from_params(sampling_params)
         return True
 
     def apply_staged_writes(self) -> None:
         if not self.pending:
             return
         tokens_by_slot = self.req_states.all_token_ids.gpu
-        for slot in self.pending:
+        for slot, prior in self.pending.items():
             self.seen[slot].zero_()
+            prior = [token for token in prior if token < self.vocab_size]
+            if prior:
+                self.seen[slot, torch.tensor(prior, dtype=torch.long, device=self.seen.device)] = True
             start = int(self.req_states.prompt_len.np[slot])
             end = int(self.req_states.prefill_len.np[slot])
             if end > start:
@@ -328,6 +359,7 @@ class HFRepetitionPenalty(V1LogitsProcessor, V2LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         penalty_from_params(sampling_params)
+        prior_tokens_from_params(sampling_params)
 
     def __init__(self, vllm_config: VllmConfig, *args: Any) -> None:
         if len(args) == 2:
