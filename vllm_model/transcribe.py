@@ -3,7 +3,13 @@
 Audio files in (a Kaldi `wav.scp`, a folder, or paths), transcripts out: a Kaldi
 `text` file (`uttid<TAB>transcript` per line), JSON lines with segment times,
 or one SRT / WebVTT subtitle file per recording. Decoded by the vLLM plugin
-(default) or by the plain PyTorch reference implementation.
+(default: one engine in this process; `--engine ray`: replicas on a Ray
+cluster, `fireredasr_vllm.ray_transcription`) or by the plain PyTorch
+reference implementation.
+
+`run(utterances, Job(...))` is the API: it transcribes, writes and reports, and
+returns the exit status; `main` is the click command around it (options to a
+`Job`, errors to exit statuses).
 
 - A recording of at most the model's clip limit (30 s) is decoded whole, as the
   original does; a longer one is cut by a voice activity detector into segments
@@ -22,20 +28,20 @@ or one SRT / WebVTT subtitle file per recording. Decoded by the vLLM plugin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
-
 from fireredasr_converter.repo_format import DTYPE_NAMES
 
-from .audio_input import InputError, collect_utterances, duration_seconds
+from .audio_input import InputError, Utterance, collect_utterances, duration_seconds
+from .offline import GREEDY, ORIGINAL_RECIPE, Decoding
 from .recordings import QUEUED_SEGMENTS, SEGMENT_MODES, Assembler, Finished, in_background, segment_events
 from .segmenter import PLANNING_SECONDS, SegmenterSettings
 from .transcript_formats import FORMATS, SUBTITLE_FORMATS, LineOutput, RecordingTranscript, SubtitleFolder
@@ -135,6 +141,14 @@ class Progress:
 # --- backends -----------------------------------------------------------------
 
 DTYPES = ("auto", *DTYPE_NAMES.values())
+ENGINES = ("vllm", "ray")
+
+
+def quiet_vllm_logs() -> None:
+    """vLLM logs to stdout by default, where the transcripts may go; its engine
+    processes inherit this. INFO is for serving; a batch job shows warnings only."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 class VllmBackend:
@@ -169,6 +183,9 @@ class ReferenceBackend:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = ReferenceFireRedAsrLlm.from_pretrained(model, dtype=getattr(torch, dtype), device=device)
 
+    def close(self) -> None:
+        """Nothing to end: the model is freed with the object."""
+
     def transcribe(self, clips, decoding, *, batch_size: int):
         # The reference decodes one clip at a time with transformers' `generate`, as the original does.
         for key, waveform in clips:
@@ -186,47 +203,241 @@ class ReferenceBackend:
             yield key, result
 
 
-# --- the command --------------------------------------------------------------
+def decode_recordings(
+    decoder,
+    events: Iterable,
+    uttids: dict[int, str],
+    decoding: Decoding,
+    batch_size: int,
+    on_finished: Callable[[Finished], None],
+    on_audio: Callable[[float], None] = lambda seconds: None,
+) -> None:
+    """Every file's segments (`recordings.segment_events`) through `decoder` in one
+    continuous batch; each file goes to `on_finished` as soon as it is settled.
+
+    The one decoding loop of the single engine and of every Ray replica."""
+    assembler = Assembler(uttids, on_audio=on_audio)
+
+    def settle() -> None:
+        for finished_file in assembler.take_settled():
+            on_finished(finished_file)
+
+    def clips():
+        for clip in assembler.clips(events):
+            yield clip
+            settle()
+        settle()
+
+    for key, outcome in decoder.transcribe(clips(), decoding, batch_size=batch_size):
+        assembler.result(key, outcome)
+        settle()
+    settle()
 
 
-def _fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(EXIT_NOTHING)
+# --- the run ------------------------------------------------------------------
 
 
-def _open_output(format: str, output: Path | None, resume: bool, overwrite: bool, uttids: list[str]):
-    """The output to write to and the recordings it already holds (with --resume)."""
+class JobError(ValueError):
+    """Options that do not go together (the command's usage errors)."""
+
+
+class TranscriptionFailed(Exception):
+    """Nothing can be transcribed (the model or the output cannot be opened): exit status 1."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What to transcribe into and how: the command's options (see `main --help`).
+
+    `dtype` "auto" is the repo's dtype; `engine` "ray" runs `num_replicas` vLLM
+    engines on the Ray cluster at `ray_address` (None: a local one).
+    """
+
+    model: str
+    output: Path | None = None
+    format: str = "text"
+    resume: bool = False
+    overwrite: bool = False
+    segment: str = "auto"
+    backend: str = "vllm"
+    engine: str = "vllm"
+    decoding: Decoding = GREEDY
+    batch_size: int = 64
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    num_replicas: int = 1
+    ray_address: str | None = None
+    quiet: bool = False
+
+    def __post_init__(self):
+        if self.output is not None:
+            object.__setattr__(self, "output", Path(self.output))
+        if self.resume and self.output is None:
+            raise JobError("--resume needs --output: the file or folder to continue")
+        if self.resume and self.overwrite:
+            raise JobError("--resume keeps OUTPUT and --overwrite replaces it: choose one")
+        if self.format in SUBTITLE_FORMATS and self.output is None:
+            raise JobError(f"--format {self.format} writes one file per recording: give the folder as --output DIR")
+        if self.backend == "reference" and self.tensor_parallel_size > 1:
+            raise JobError("--tensor-parallel-size applies to --backend vllm only")
+        if self.backend == "reference" and self.engine == "ray":
+            raise JobError("--engine ray runs vLLM engines: drop --backend reference")
+        if self.engine != "ray" and (self.num_replicas != 1 or self.ray_address is not None):
+            raise JobError("--num-replicas and --ray-address apply to --engine ray only")
+
+
+def _open_output(job: Job, uttids: list[str]):
+    """The output to write to, the recordings it already holds (with --resume) and the stream to close."""
+    format, output = job.format, job.output
     if format in SUBTITLE_FORMATS:
-        if output is None:
-            raise click.UsageError(f"--format {format} writes one file per recording: give the folder as --output DIR")
         if output.exists() and not output.is_dir():
-            _fail(f"--output {output} is a file; --format {format} writes into a folder")
+            raise TranscriptionFailed(f"--output {output} is a file; --format {format} writes into a folder")
         output.mkdir(parents=True, exist_ok=True)
         folder = SubtitleFolder(format, output)
         present = folder.existing(uttids)
-        if present and not (resume or overwrite):
-            _fail(f"{output} already holds {len(present)} of these {format} files; pass --resume to keep them "
-                  "or --overwrite to write them again")  # fmt: skip
-        return folder, present if resume else set(), None
+        if present and not (job.resume or job.overwrite):
+            raise TranscriptionFailed(f"{output} already holds {len(present)} of these {format} files; pass "
+                                      "--resume to keep them or --overwrite to write them again")  # fmt: skip
+        return folder, present if job.resume else set(), None
     if output is None:
         return LineOutput(format, sys.stdout), set(), None
     if not output.parent.is_dir():
-        _fail(f"the folder of --output {output} does not exist; create it first")
+        raise TranscriptionFailed(f"the folder of --output {output} does not exist; create it first")
     if output.is_dir():
-        _fail(f"--output {output} is a folder; --format {format} writes one file")
+        raise TranscriptionFailed(f"--output {output} is a folder; --format {format} writes one file")
     finished: set[str] = set()
     if output.exists() and output.stat().st_size > 0:
-        if resume:
+        if job.resume:
             finished = LineOutput.finished(output, format)
-        elif not overwrite:
-            _fail(f"{output} exists; pass --resume to continue it or --overwrite to start again")
-    stream = open(output, "a" if resume else "w", encoding="utf-8")
+        elif not job.overwrite:
+            raise TranscriptionFailed(f"{output} exists; pass --resume to continue it or --overwrite to start again")
+    stream = open(output, "a" if job.resume else "w", encoding="utf-8")
     return LineOutput(format, stream), finished, stream
 
 
-def _decoding(recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens):
-    from fireredasr_vllm.offline import ORIGINAL_RECIPE, Decoding
+def _front_end(model: str):
+    """The repo's config and feature extractor: what checks a clip before it reaches an engine."""
+    from fireredasr_converter.configuration import FireRedAsrLlmConfig, register_with_transformers
+    from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
 
+    try:
+        register_with_transformers()
+        return FireRedAsrLlmConfig.from_pretrained(model), FireRedAsrFeatureExtractor.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise TranscriptionFailed(f"cannot load {model}: {error}; pass a converted repo (`fireredasr-convert SRC OUT`)")
+
+
+class LocalTranscription:
+    """One decoder in this process; files read and segmented on a background thread."""
+
+    def __init__(self, job: Job, dtype: str, settings: SegmenterSettings, validate):
+        self.job, self.settings, self.validate = job, settings, validate
+        if job.backend == "vllm":
+            self.decoder = VllmBackend(job.model, dtype=dtype, max_new_tokens=job.decoding.max_new_tokens,
+                                       tensor_parallel_size=job.tensor_parallel_size, seed=job.seed)  # fmt: skip
+        else:
+            self.decoder = ReferenceBackend(job.model, dtype=dtype)
+
+    def run(self, pending: list[tuple[int, Utterance]], on_finished, on_audio) -> None:
+        events = in_background(segment_events(pending, self.settings, self.job.segment, self.validate))
+        try:
+            uttids = {i: u.uttid for i, u in pending}
+            decode_recordings(self.decoder, events, uttids, self.job.decoding, self.job.batch_size, on_finished, on_audio)
+        finally:
+            events.close()
+
+    def close(self) -> None:
+        self.decoder.close()
+
+    @staticmethod
+    def load_note(seconds: float) -> str:
+        return f"model load {seconds:.1f} s"
+
+
+def run(utterances: list[Utterance], job: Job) -> int:
+    """Transcribe `utterances` as `job` says, reporting on stderr; returns the exit status.
+
+    Raises TranscriptionFailed when nothing can be done (model or output unusable).
+    """
+    if not utterances:
+        raise TranscriptionFailed("no utterances to transcribe")
+    sink, finished, stream = _open_output(job, [u.uttid for u in utterances])
+    try:
+        return _transcribe(utterances, job, sink, finished)
+    finally:
+        if stream is not None:
+            stream.close()
+
+
+def _transcribe(utterances: list[Utterance], job: Job, sink, finished: set[str]) -> int:
+    pending = [(i, u) for i, u in enumerate(utterances) if u.uttid not in finished]
+    already = len(utterances) - len(pending)
+    if already:
+        click.echo(f"resuming: {already} of {len(utterances)} recordings already in {job.output}", err=True)
+    if not pending:
+        click.echo("nothing to do", err=True)
+        return EXIT_COMPLETE
+
+    quiet_vllm_logs()
+    config, extractor = _front_end(job.model)
+    # The converted weights' dtype: vLLM's own "auto" would run fp32 weights in half precision.
+    dtype = str(config.dtype or "float32").removeprefix("torch.") if job.dtype == "auto" else job.dtype
+    settings = SegmenterSettings(max_seconds=extractor.max_audio_seconds)
+    # A partial, not a closure: Ray ships it to the tasks that read the audio.
+    validate = functools.partial(extractor.validate_waveform, downsample_rate=config.encoder_downsample_rate)
+
+    load_start = time.monotonic()
+    if job.engine == "ray":
+        from .ray_transcription import RayTranscription
+
+        transcription = RayTranscription(job, dtype, settings, validate)
+    else:
+        transcription = LocalTranscription(job, dtype, settings, validate)
+    load_seconds = time.monotonic() - load_start
+
+    writer = OrderedWriter(sink, (i for i, _ in pending))
+    audio_total = sum(duration_seconds(u.path) or 0.0 for _, u in pending)
+    progress = Progress(len(pending), audio_total, enabled=not job.quiet)
+    uttids = {i: u.uttid for i, u in pending}
+
+    def report(result: Finished) -> None:
+        uttid = uttids[result.file]
+        if result.error is not None:
+            progress.message(f"skipped {uttid}: {result.error}")
+        elif not result.transcript.segments:
+            progress.message(f"no speech found in {uttid} ({result.transcript.duration:.1f} s): empty transcript")
+        writer.settle(result.file, result.transcript)
+        progress.file(result.error is None)
+
+    interrupted = False
+    try:
+        transcription.run(pending, report, progress.audio)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        progress.close()
+        transcription.close()
+
+    in_output = already + writer.written
+    click.echo(
+        f"transcribed {progress.done} recordings ({progress.failed} skipped): "
+        f"{progress.audio_seconds / 3600:.4f} h of audio in {progress.elapsed:.1f} s "
+        f"({progress.rates()}; {transcription.load_note(load_seconds)})",
+        err=True,
+    )
+    where = str(job.output) if job.output is not None else "the output"
+    click.echo(f"{in_output} of {len(utterances)} recordings are in {where}", err=True)
+    if interrupted:
+        click.echo(f"interrupted: rerun with --resume to finish {where}", err=True)
+        return 130
+    return EXIT_COMPLETE if in_output == len(utterances) else EXIT_PARTIAL if in_output else EXIT_NOTHING
+
+
+# --- the command --------------------------------------------------------------
+
+
+def _decoding(recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens) -> Decoding:
     chosen = {"--beam-size": beam_size, "--repetition-penalty": repetition_penalty, "--length-penalty": length_penalty}
     if recipe == "original":
         given = [name for name, value in chosen.items() if value is not None]
@@ -244,7 +455,8 @@ def _decoding(recipe, beam_size, repetition_penalty, length_penalty, max_new_tok
 MEMORY_NOTE = (
     f"Memory for audio stays bounded whatever a file's length: at most (--batch-size + {QUEUED_SEGMENTS}) "
     f"segments of at most 30 s, plus about {PLANNING_SECONDS / 60 + 1:.0f} min of voice-activity look-ahead, "
-    "at 16 kHz float32 (64 kB/s): about 180 MB at the defaults."
+    "at 16 kHz float32 (64 kB/s): about 180 MB at the defaults. With --engine ray a recording's segments "
+    "travel together: each file must fit in a Ray worker's memory (1 h is 230 MB)."
 )
 
 
@@ -266,6 +478,13 @@ MEMORY_NOTE = (
                    "left out; always: every recording goes through the detector (no speech: an empty transcript).")
 @click.option("--backend", type=click.Choice(["vllm", "reference"]), default="vllm", show_default=True,
               help="vllm: the plugin in a vLLM engine; reference: plain PyTorch, one clip at a time.")
+@click.option("--engine", type=click.Choice(ENGINES), default="vllm", show_default=True,
+              help="vllm: one vLLM engine in this process; ray: --num-replicas engines on a Ray cluster, audio "
+                   "read by Ray tasks (`pip install 'fireredasr-vllm[ray]'` on every node).")
+@click.option("--num-replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--engine ray: vLLM engines, each on --tensor-parallel-size GPUs (one CPU without GPUs).")
+@click.option("--ray-address", help="--engine ray: the cluster to join (`auto`: the one `ray start` runs here); "
+                                    "default: a local cluster for this run.")
 @click.option("--recipe", type=click.Choice(["original"]),
               help="original: the original's published decoding, --beam-size 3 --repetition-penalty 3.0 "
                    "--length-penalty 1.0 (transformers' beam search, reproduced exactly).")
@@ -282,11 +501,13 @@ MEMORY_NOTE = (
                    "counts one per beam).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="Compute dtype; auto is the dtype the repo was converted to.")
-@click.option("--tensor-parallel-size", type=click.IntRange(min=1), default=1, show_default=True, help="vLLM: GPUs to shard over.")
+@click.option("--tensor-parallel-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="vLLM: GPUs to shard each engine over.")
 @click.option("--seed", type=int, default=0, show_default=True, help="vLLM engine seed.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line, only skipped recordings and the summary.")
-def main(paths, model, wav_scp, wav_dir, output, format_, resume, overwrite, segment, backend, recipe, beam_size,
-         repetition_penalty, length_penalty, max_new_tokens, batch_size, dtype, tensor_parallel_size, seed, quiet):
+def main(paths, model, wav_scp, wav_dir, output, format_, resume, overwrite, segment, backend, engine, num_replicas,
+         ray_address, recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens, batch_size, dtype,
+         tensor_parallel_size, seed, quiet):
     """Transcribe audio files of any length with FireRedASR-LLM.
 
     Give the audio as --wav-scp, --wav-dir and/or PATHS. Exit status: 0 when the
@@ -295,113 +516,25 @@ def main(paths, model, wav_scp, wav_dir, output, format_, resume, overwrite, seg
     """  # fmt: skip
     if wav_scp is None and wav_dir is None and not paths:
         raise click.UsageError("give the audio as --wav-scp FILE, --wav-dir DIR or paths")
-    if resume and output is None:
-        raise click.UsageError("--resume needs --output: the file or folder to continue")
-    if resume and overwrite:
-        raise click.UsageError("--resume keeps OUTPUT and --overwrite replaces it: choose one")
-    if backend == "reference" and tensor_parallel_size > 1:
-        raise click.UsageError("--tensor-parallel-size applies to --backend vllm only")
-    decoding = _decoding(recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens)
+    try:
+        job = Job(
+            model=model, output=output, format=format_, resume=resume, overwrite=overwrite, segment=segment,
+            backend=backend, engine=engine,
+            decoding=_decoding(recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens),
+            batch_size=batch_size, dtype=dtype, tensor_parallel_size=tensor_parallel_size, seed=seed,
+            num_replicas=num_replicas, ray_address=ray_address, quiet=quiet,
+        )  # fmt: skip
+    except JobError as error:
+        raise click.UsageError(str(error)) from None
     try:
         utterances = collect_utterances(wav_scp, wav_dir, paths)
-    except InputError as error:
-        _fail(str(error))
-    if not utterances:
-        _fail(f"{wav_scp} lists no utterances")
-    sink, finished, stream = _open_output(format_, output, resume, overwrite, [u.uttid for u in utterances])
-    pending = [(i, u) for i, u in enumerate(utterances) if u.uttid not in finished]
-    already = len(utterances) - len(pending)
-    if already:
-        click.echo(f"resuming: {already} of {len(utterances)} recordings already in {output}", err=True)
-    if not pending:
-        click.echo("nothing to do", err=True)
-        sys.exit(EXIT_COMPLETE)
-
-    # vLLM logs to stdout by default, where the transcripts may go; its engine
-    # processes inherit this. INFO is for serving; a batch job shows warnings only.
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from fireredasr_converter.configuration import FireRedAsrLlmConfig, register_with_transformers
-    from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
-
-    try:
-        register_with_transformers()
-        config = FireRedAsrLlmConfig.from_pretrained(model)
-        extractor = FireRedAsrFeatureExtractor.from_pretrained(model)
-    except (OSError, ValueError) as error:
-        _fail(f"cannot load {model}: {error}; pass a converted repo (`fireredasr-convert SRC OUT`)")
-    if dtype == "auto":
-        # The converted weights' dtype: vLLM's own "auto" would run fp32 weights in half precision.
-        dtype = str(config.dtype or "float32").removeprefix("torch.")
-
-    load_start = time.monotonic()
-    if backend == "vllm":
-        decoder = VllmBackend(model, dtype=dtype, max_new_tokens=max_new_tokens,
-                             tensor_parallel_size=tensor_parallel_size, seed=seed)  # fmt: skip
-    else:
-        decoder = ReferenceBackend(model, dtype=dtype)
-    load_seconds = time.monotonic() - load_start
-
-    writer = OrderedWriter(sink, (i for i, _ in pending))
-    audio_total = sum(duration_seconds(u.path) or 0.0 for _, u in pending)
-    progress = Progress(len(pending), audio_total, enabled=not quiet)
-    uttids = {i: u.uttid for i, u in pending}
-    assembler = Assembler(uttids, on_audio=progress.audio)
-
-    def settle() -> None:
-        for finished_file in assembler.take_settled():
-            report(finished_file)
-
-    def report(result: Finished) -> None:
-        uttid = uttids[result.file]
-        if result.error is not None:
-            progress.message(f"skipped {uttid}: {result.error}")
-        elif not result.transcript.segments:
-            progress.message(f"no speech found in {uttid} ({result.transcript.duration:.1f} s): empty transcript")
-        writer.settle(result.file, result.transcript)
-        progress.file(result.error is None)
-
-    def validate(waveform) -> None:
-        extractor.validate_waveform(waveform, config.encoder_downsample_rate)
-
-    settings = SegmenterSettings(max_seconds=extractor.max_audio_seconds)
-    events = in_background(segment_events(pending, settings, segment, validate))
-
-    def clips():
-        for clip in assembler.clips(events):
-            yield clip
-            settle()
-        settle()
-
-    interrupted = False
-    try:
-        for key, outcome in decoder.transcribe(clips(), decoding, batch_size=batch_size):
-            assembler.result(key, outcome)
-            settle()
-        settle()
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        events.close()
-        progress.close()
-        if stream is not None:
-            stream.close()
-        if isinstance(decoder, VllmBackend):
-            decoder.close()
-
-    in_output = already + writer.written
-    click.echo(
-        f"transcribed {progress.done} recordings ({progress.failed} skipped): "
-        f"{progress.audio_seconds / 3600:.4f} h of audio in {progress.elapsed:.1f} s "
-        f"({progress.rates()}; model load {load_seconds:.1f} s)",
-        err=True,
-    )
-    where = str(output) if output is not None else "the output"
-    click.echo(f"{in_output} of {len(utterances)} recordings are in {where}", err=True)
-    if interrupted:
-        click.echo(f"interrupted: rerun with --resume to finish {where}", err=True)
-        sys.exit(130)
-    sys.exit(EXIT_COMPLETE if in_output == len(utterances) else EXIT_PARTIAL if in_output else EXIT_NOTHING)
+        if not utterances:
+            raise TranscriptionFailed(f"{wav_scp} lists no utterances")
+        status = run(utterances, job)
+    except (InputError, TranscriptionFailed) as error:
+        click.echo(f"error: {error}", err=True)
+        status = EXIT_NOTHING
+    sys.exit(status)
 
 
 if __name__ == "__main__":
