@@ -3,11 +3,13 @@ the reference model on it; the shipped demo model, converted once; long recordin
 real speech; the loaders tests read release pickles and safetensors files with."""
 
 import argparse
+import ast
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _pytest.mark.expression import Expression  # how pytest evaluates -m; it has no public API for it
 from safetensors import safe_open
 
 from fireredasr_converter import spec
@@ -30,6 +32,28 @@ def pytest_configure(config):
     # used the VAD. One thread from the start: the models here are tiny, and on two cores shared
     # with vLLM engines torch's spinning worker threads made their small ops 6x slower.
     torch.set_num_threads(1)
+
+
+def pytest_ignore_collect(collection_path, config):
+    # With `-m "not vllm ..."` (make test-fast) a module marked `vllm` as a whole is not
+    # imported at all: importing vLLM's runner, engine and server modules takes ~9 s.
+    markexpr = config.option.markexpr
+    if not markexpr or collection_path.suffix != ".py" or not _marked_vllm_as_a_whole(collection_path):
+        return None
+    expression = Expression.compile(markexpr)
+    # Left out only if no test of the module can match, whatever other marks it carries.
+    if not expression.evaluate(lambda name, **kwargs: name == "vllm") and not expression.evaluate(lambda *a, **k: True):
+        return True
+    return None
+
+
+def _marked_vllm_as_a_whole(path: Path) -> bool:
+    """True if the module sets `pytestmark = pytest.mark.vllm` (alone or in a list)."""
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "pytestmark" for t in node.targets):
+            values = node.value.elts if isinstance(node.value, (ast.List, ast.Tuple)) else [node.value]
+            return any(ast.unparse(value) == "pytest.mark.vllm" for value in values)
+    return False
 
 
 @pytest.fixture(scope="session")
