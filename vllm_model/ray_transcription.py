@@ -273,4 +273,5 @@ class RayTranscription:
             self.ray.shutdown()
 
     def load_note(self, seconds: float) -> str:
-        return f"Ray start {seconds:.1f} s, {self.job.num_replicas} replicas loaded within the run"
+        replicas = self.job.num_replicas
+        return f"Ray start {seconds:.1f} s, {replicas} replica{'s' if replicas > 1 else ''} loaded within the run"
