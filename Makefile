@@ -31,7 +31,8 @@ test: $(STAMP)
 	$(PY) -m pytest
 	$(MAKE) test-vllm-next
 
-# Everything except the tests that start vLLM engines or ask the registry (markers `vllm`, `slow`).
+# Everything except the tests that start vLLM engines (marker `vllm`) and those that run a script or
+# console command in its own process or ask the registry (marker `slow`); `make test` runs them all.
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not vllm and not slow"
 
