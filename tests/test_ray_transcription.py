@@ -32,6 +32,7 @@ from fireredasr_vllm.ray_transcription import (
     PLUGIN_DISTRIBUTION,
     PLUGIN_ENTRY_POINT,
     RecordingError,
+    exception_line,
     finished_from_row,
     finished_row,
     plugin_probe,
@@ -120,6 +121,20 @@ def test_a_finished_row_gives_back_the_transcript():
     failed = finished_from_row(finished_row(Finished(2, error=AudioError("x.wav: unreadable audio"))))
     assert failed.file == 2 and failed.transcript is None
     assert isinstance(failed.error, RecordingError) and str(failed.error) == "x.wav: unreadable audio"
+
+
+def test_a_failed_ray_run_is_named_by_the_workers_exception():
+    text = (
+        "ray::MapWorker(MapBatches(EngineReplica)).__init__() (pid=8465, ip=10.0.0.7)\n"
+        "Traceback (most recent call last):\n"
+        '  File "vllm/engine/arg_utils.py", line 1955, in create_model_config\n'
+        "    raise ValueError(message)\n"
+        "ValueError: max_model_len (101024) is greater than the derived max_model_len (32768)\n"
+        "\nThe above exception was the direct cause of the following exception:\n\n"
+        "vllm.v1.engine.exceptions.EngineStartupError: Engine core initialization failed\n"
+    )
+    assert exception_line(RuntimeError(text)) == "EngineStartupError: Engine core initialization failed"
+    assert exception_line(RuntimeError("actor died")) == "RuntimeError"
 
 
 def test_the_plugin_probe_names_what_a_node_lacks():

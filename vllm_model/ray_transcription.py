@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 
 import numpy as np
 
@@ -47,6 +48,10 @@ MAX_READ_BLOCKS = 1024
 # default an engine actor asks for: Ray Data fuses a map into the actors after it when
 # their resources are equal, and the engine would then wait while its actor reads.
 READ_CPUS = 0.5
+
+
+# A traceback's exception line: `package.module.SomeError: message` at the start of a line.
+EXCEPTION_LINE = re.compile(r"^(?:\w+\.)*(\w+(?:Error|Exception): .*)$", re.MULTILINE)
 
 
 class RecordingError(Exception):
@@ -126,6 +131,12 @@ def _rows(batch: dict) -> list[dict]:
     """A Ray Data batch (column -> values) as rows."""
     columns = list(batch)
     return [dict(zip(columns, values)) for values in zip(*(batch[c] for c in columns))]
+
+
+def exception_line(error: Exception) -> str:
+    """The last `Name: message` line of a Ray error's text (the worker's own exception), or its type."""
+    found = EXCEPTION_LINE.findall(str(error))
+    return found[-1] if found else type(error).__name__
 
 
 # --- the replicas ---------------------------------------------------------------
@@ -262,11 +273,10 @@ class RayTranscription:
                     on_audio(result.transcript.duration)
                 on_finished(result)
         except ray.exceptions.RayError as error:
-            # An engine that cannot start (its node lacks the model folder, GPU memory...) or
-            # a batch that failed after Ray's retries: the message is the traceback's last line.
-            last = [line for line in str(error).splitlines() if line.strip()][-1:]
-            raise TranscriptionFailed(f"the Ray run stopped: {last[0] if last else type(error).__name__}; "
-                                      "rerun with --resume to keep what is written") from error  # fmt: skip
+            # An engine that cannot start (its node lacks the model folder, GPU memory...) or a
+            # batch that failed after Ray's retries; Ray has printed the worker's traceback above.
+            raise TranscriptionFailed(f"the Ray run stopped: {exception_line(error)} (the worker's traceback "
+                                      "is above); rerun with --resume to keep what is written") from error  # fmt: skip
 
     def close(self) -> None:
         if self.started:
