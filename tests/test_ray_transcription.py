@@ -121,6 +121,8 @@ def test_a_finished_row_gives_back_the_transcript():
     failed = finished_from_row(finished_row(Finished(2, error=AudioError("x.wav: unreadable audio"))))
     assert failed.file == 2 and failed.transcript is None
     assert isinstance(failed.error, RecordingError) and str(failed.error) == "x.wav: unreadable audio"
+    # An exception without a message still marks the recording failed.
+    assert str(finished_from_row(finished_row(Finished(3, error=ValueError()))).error) == "ValueError"
 
 
 def test_a_failed_ray_run_is_named_by_the_workers_exception():

@@ -17,8 +17,9 @@ recording travels as JSON.
 
 Why not `ray.data.llm`'s vLLM stage: it drives its own engine with a
 `SamplingParams` per row, so it has neither the per-clip token limit, nor the
-HF repetition penalty processor, nor this project's beam search; and it needs
-`ray[llm]`, which pins another vLLM.
+HF repetition penalty processor, nor this project's beam search; and its
+dependencies are `ray[llm]`'s (hf_transfer, smart_open, nixl...), which pins
+`vllm[audio]==0.29.0` in Ray 2.60.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import re
 import numpy as np
 
 from .audio_input import AudioError, Utterance
-from .offline import shutdown_engine
 from .recordings import FileEnd, FileFailed, Finished, SegmentReady, segment_events
 from .segmenter import Segment
 from .transcribe import Job, TranscriptionFailed, VllmBackend, decode_recordings, quiet_vllm_logs
@@ -61,6 +61,11 @@ class RecordingError(Exception):
 # --- rows -----------------------------------------------------------------------
 
 
+def error_text(error: Exception) -> str:
+    """An error as a row's `error` column: never empty, since empty means no error."""
+    return str(error) or type(error).__name__
+
+
 def read_recording(row: dict, settings, mode: str, validate) -> dict:
     """A Ray task: one file read and segmented as the single engine does (`recordings.segment_events`).
 
@@ -76,7 +81,7 @@ def read_recording(row: dict, settings, mode: str, validate) -> dict:
                 bounds += [event.segment.start, event.segment.end]
                 audio.append(np.ascontiguousarray(event.samples, dtype=np.float32))
             elif isinstance(event, FileFailed):
-                out["error"] = str(event.error)
+                out["error"] = error_text(event.error)
             else:
                 out["num_samples"] = event.num_samples
     except Exception as error:  # a bug in one file's reading must not end everyone's run: report it
@@ -107,7 +112,7 @@ def recording_events(row: dict) -> list[SegmentReady | FileEnd | FileFailed]:
 def finished_row(result: Finished) -> dict:
     """A settled recording as a row for the driver."""
     if result.error is not None:
-        return {"index": result.file, "error": str(result.error), "transcript": ""}
+        return {"index": result.file, "error": error_text(result.error), "transcript": ""}
     transcript = result.transcript
     record = {
         "uttid": transcript.uttid,
@@ -164,10 +169,9 @@ class EngineReplica:
 
     def __del__(self):
         # Ray Data ends its actors when the dataset is done: end the engine's processes with them.
-        # (No import here: this may run while the interpreter shuts down.)
         decoder = getattr(self, "decoder", None)
         if decoder is not None:
-            shutdown_engine(decoder.llm)
+            decoder.close()
 
 
 # --- the cluster ----------------------------------------------------------------

@@ -41,7 +41,15 @@ import click
 from fireredasr_converter.repo_format import DTYPE_NAMES
 
 from .audio_input import InputError, Utterance, collect_utterances, duration_seconds
-from .offline import GREEDY, ORIGINAL_RECIPE, Decoding
+from .offline import (
+    DEFAULT_MAX_MODEL_LEN,
+    GREEDY,
+    ORIGINAL_RECIPE,
+    Decoding,
+    create_engine,
+    shutdown_engine,
+    transcriptions,
+)
 from .recordings import QUEUED_SEGMENTS, SEGMENT_MODES, Assembler, Finished, in_background, segment_events
 from .segmenter import PLANNING_SECONDS, SegmenterSettings
 from .transcript_formats import FORMATS, SUBTITLE_FORMATS, LineOutput, RecordingTranscript, SubtitleFolder
@@ -153,8 +161,6 @@ def quiet_vllm_logs() -> None:
 
 class VllmBackend:
     def __init__(self, model: str, *, dtype: str, max_new_tokens: int | None, tensor_parallel_size: int, seed: int):
-        from fireredasr_vllm.offline import DEFAULT_MAX_MODEL_LEN, create_engine
-
         # Room for the prompt, the longest clip and the requested number of new tokens.
         max_model_len = DEFAULT_MAX_MODEL_LEN + (max_new_tokens or 0)
         self.llm = create_engine(
@@ -162,13 +168,9 @@ class VllmBackend:
         )
 
     def close(self) -> None:
-        from fireredasr_vllm.offline import shutdown_engine
-
         shutdown_engine(self.llm)
 
     def transcribe(self, clips, decoding, *, batch_size: int):
-        from fireredasr_vllm.offline import transcriptions
-
         # --batch-size counts requests; beam search keeps `beam_size` of them per clip.
         clips_in_flight = max(1, batch_size // decoding.beam_size)
         yield from transcriptions(self.llm, clips, decoding, max_in_flight=clips_in_flight)
