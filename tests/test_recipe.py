@@ -418,7 +418,9 @@ def test_beams_keep_their_requests_running(llm, recipe_clips, vllm_recipe, monke
     monkeypatch.setattr(llm.llm_engine, "add_request", counting_requests)
     monkeypatch.setattr(ClipBeamSearch, "advance", counting_beams)
     assert token_ids(transcriptions(llm, recipe_clips.items(), ORIGINAL_RECIPE)) == vllm_recipe
-    assert len(started) <= 0.5 * sum(beam_steps)
+    # Measured: 160 requests for 418 beam-steps (0.38); 0.42-0.44 when the requests'
+    # guesses ignore the log-probability form of the penalty or the stop tokens' probability.
+    assert len(started) <= 0.40 * sum(beam_steps)
 
 
 @pytest.mark.vllm

@@ -11,7 +11,9 @@
   token written at `total_len`; slots recycled without notice, chunked prefill
   and a resumed (preempted) request.
 - A request may carry tokens generated before it (`PRIOR_TOKENS_ARG`, beam
-  search's continued beams): both classes penalise them with its own.
+  search's continued beams): both classes penalise them with its own. A beam's
+  request (`BEAM_ARG`) is penalised on log-probabilities (as transformers' beam
+  search applies it), then its stop tokens are excluded.
 - Bad values are refused with a message naming the argument, also through
   vLLM's frontend validators; each runner's loader accepts the right classes.
 """
@@ -38,12 +40,14 @@ from vllm.v1.worker.gpu.sample.logits_processor import (
 
 from fireredasr_vllm import repetition_penalty as rp
 from fireredasr_vllm.repetition_penalty import (
+    BEAM_ARG,
     PRIOR_TOKENS_ARG,
     REQUEST_ARG,
     HFRepetitionPenalty,
     HFRepetitionPenaltyV1,
     HFRepetitionPenaltyV2,
     apply_hf_repetition_penalty,
+    beam_stops_from_params,
     penalty_from_params,
     prior_tokens_from_params,
     processor_class,
@@ -54,19 +58,30 @@ CPU = torch.device("cpu")
 FQCN = "fireredasr_vllm.repetition_penalty:HFRepetitionPenalty"
 
 
-def params(penalty=None, prior=None, **kwargs) -> SamplingParams:
+def params(penalty=None, prior=None, beam=None, **kwargs) -> SamplingParams:
     extra = None if penalty is None else {REQUEST_ARG: penalty}
     if prior is not None:
         extra = {**(extra or {}), PRIOR_TOKENS_ARG: prior}
+    if beam is not None:
+        extra = {**(extra or {}), BEAM_ARG: beam}
     return SamplingParams(temperature=0.0, extra_args=extra, **kwargs)
 
 
-def hf_expected(row: torch.Tensor, generated: list[int], penalty: float | None) -> torch.Tensor:
-    """transformers' processor on one row, the generated tokens as input_ids (the original's setting)."""
+def hf_expected(row: torch.Tensor, generated: list[int], penalty: float | None, beam_stops=None) -> torch.Tensor:
+    """transformers' processor on one row, the generated tokens as input_ids (the original's setting).
+
+    `beam_stops` (a beam's request): on the row's log-softmax, as transformers'
+    beam search applies it, then those stop tokens excluded.
+    """
     if penalty is None:
         return row.clone()
+    if beam_stops is not None:
+        row = torch.log_softmax(row, dim=-1)
     input_ids = torch.tensor([generated], dtype=torch.long).reshape(1, len(generated))
-    return RepetitionPenaltyLogitsProcessor(float(penalty))(input_ids, row[None].clone())[0]
+    expected = RepetitionPenaltyLogitsProcessor(float(penalty))(input_ids, row[None].clone())[0]
+    if beam_stops:
+        expected[beam_stops] = -math.inf
+    return expected
 
 
 def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -117,12 +132,13 @@ class V1Batch:
         self.processor = processor
         self.builder = BatchUpdateBuilder()
         self.rows: list[str | None] = []
-        self.requests: dict[str, tuple[float | None, list[int], list[int]]] = {}
+        self.requests: dict[str, tuple[float | None, list[int], list[int], list[int] | None]] = {}
 
     def add(self, req_id: str, sampling_params: SamplingParams, outputs: list[int] | None = None) -> None:
         outputs = [] if outputs is None else outputs
         prior = prior_tokens_from_params(sampling_params)
-        self.requests[req_id] = (penalty_from_params(sampling_params), outputs, prior)
+        beam_stops = beam_stops_from_params(sampling_params)
+        self.requests[req_id] = (penalty_from_params(sampling_params), outputs, prior, beam_stops)
         index = self.builder.pop_removed()
         if index is None:
             index = len(self.rows)
@@ -160,9 +176,9 @@ class V1Batch:
         logits = random_logits(len(self.rows), gen)
         actual = self.processor.apply(logits.clone())
         for row, req_id in enumerate(self.rows):
-            penalty, outputs, prior = self.requests[req_id]
+            penalty, outputs, prior, beam_stops = self.requests[req_id]
             generated = prior + [t for t in outputs if t >= 0]
-            expected = hf_expected(logits[row], generated, penalty)
+            expected = hf_expected(logits[row], generated, penalty, beam_stops)
             assert_bitwise_equal(actual[row], expected)
             if penalty is not None and any(t > 1 for t in generated):  # 0 and 1: logits 0, -inf
                 assert not torch.equal(actual[row], logits[row])
@@ -206,6 +222,8 @@ def test_v1_batch_bookkeeping(kind):
     batch.step(gen)
     assert batch.rows[0] == "e"
     batch.add("h", params(3.0, prior=[5, 21, 21, 38]))  # continues a generation: penalised from the start
+    batch.add("i", params(3.0, prior=[7, 30], beam=True, stop_token_ids=[3, 30]))  # a beam: log-probabilities, stops out
+    batch.add("j", params(3.0, beam=True, stop_token_ids=[9]))  # nothing to penalise yet: log-probabilities all the same
     batch.step(gen)
 
     batch.swap(0, 2)
@@ -229,7 +247,7 @@ def test_v1_batch_bookkeeping(kind):
     batch.step(gen)
 
     # Removing everything penalised: apply returns the very tensor, untouched.
-    for req_id in ("e", "f", "h"):
+    for req_id in ("e", "f", "h", "i", "j"):
         batch.remove(req_id)
     batch.condense()
     batch.processor.update_state(batch.builder.get_and_reset(len(batch.rows)))
@@ -282,6 +300,7 @@ class V2Runner:
         self.outputs: dict[str, list[int]] = {}
         self.penalties: dict[str, float | None] = {}
         self.prior: dict[str, list[int]] = {}
+        self.beam_stops: dict[str, list[int] | None] = {}
 
     def slot(self, req_id: str) -> int:
         return self.req_states.req_id_to_index[req_id]
@@ -291,6 +310,7 @@ class V2Runner:
         self.req_states.add_request(req_id, len(prompt), tokens, 0, 32)
         self.prompts[req_id], self.outputs[req_id] = list(prompt), list(outputs)
         self.prior[req_id] = prior_tokens_from_params(sampling_params)
+        self.beam_stops[req_id] = beam_stops_from_params(sampling_params)
         self.penalties[req_id] = penalty_from_params(sampling_params)
         self.processor.add_request(self.slot(req_id), sampling_params)
         # RequestState.apply_staged_writes (its device writes need Triton): same result.
@@ -327,7 +347,7 @@ class V2Runner:
         actual = self.processor.apply(logits.clone(), ctx)
         for row, req_id in enumerate(req_ids):
             generated = self.prior[req_id] + self.outputs[req_id]
-            expected = hf_expected(logits[row], generated, self.penalties[req_id])
+            expected = hf_expected(logits[row], generated, self.penalties[req_id], self.beam_stops[req_id])
             assert_bitwise_equal(actual[row], expected)
         # post_update: each request that finished prefilling samples one token,
         # written at total_len; total_len grows by one.
@@ -390,6 +410,12 @@ def test_v2_runner_bookkeeping(kind, v2_request_state):
     runner.add("g", prompt, params(3.0))
     assert runner.slot("g") == slot_f
     runner.step(["g", "e"], gen, rng)
+    # Beams' requests (penalty on log-probabilities) beside ones on logits, same penalty.
+    runner.remove("g")
+    runner.add("h", prompt, params(3.0, prior=[21, 4], beam=True, stop_token_ids=[4, 6]))
+    assert runner.slot("h") == slot_f
+    for _ in range(2):
+        runner.step(["e", "h", "d"], gen, rng)
 
     # No penalised request scheduled: apply hands back the very tensor.
     ctx_slots = np.array([runner.slot("d"), runner.slot("b")], dtype=np.int32)
@@ -439,6 +465,14 @@ def test_bad_prior_tokens_are_refused(value):
     assert repr(value) in str(err.value)
     for kind in (HFRepetitionPenaltyV1, HFRepetitionPenaltyV2, HFRepetitionPenalty):
         with pytest.raises(ValueError, match=PRIOR_TOKENS_ARG):
+            kind.validate_params(sampling_params)
+
+
+@pytest.mark.parametrize("value", [1, "true", 0.0])
+def test_beam_must_be_a_boolean(value):
+    sampling_params = params(3.0, beam=value)
+    for kind in (HFRepetitionPenaltyV1, HFRepetitionPenaltyV2, HFRepetitionPenalty):
+        with pytest.raises(ValueError, match=rf"{BEAM_ARG} must be true or false, got {value!r}"):
             kind.validate_params(sampling_params)
 
 

@@ -249,22 +249,24 @@ def _stream_params(max_tokens: int, num_logprobs: int, repetition_penalty: float
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    from .repetition_penalty import PRIOR_TOKENS_ARG, REQUEST_ARG
+    from .repetition_penalty import BEAM_ARG, PRIOR_TOKENS_ARG, REQUEST_ARG
 
-    # The penalty (when the engine has HFRepetitionPenalty) only steers which
-    # token the request continues with, towards the beam's likeliest
-    # continuation; the search itself uses the raw log-probabilities (vLLM's
-    # default logprobs mode: the log-softmax of the unprocessed logits).
-    extra_args = None
+    # The request's greedy choice is only a guess at the beam's best continuation
+    # (the search itself uses the raw log-probabilities: vLLM's default logprobs
+    # mode, the log-softmax of the unprocessed logits). A running beam never takes
+    # a stop token (that candidate becomes a finished hypothesis), so the request
+    # excludes them and never ends before max_tokens. With a penalty, the engine's
+    # HFRepetitionPenalty penalises as the search does (log-probabilities, the
+    # beam's tokens so far included) and excludes the stop tokens itself; without
+    # one, min_tokens excludes them.
+    extra_args, min_tokens = None, max_tokens
     if repetition_penalty != 1.0:
-        extra_args = {REQUEST_ARG: repetition_penalty, PRIOR_TOKENS_ARG: prior_tokens}
+        extra_args = {REQUEST_ARG: repetition_penalty, PRIOR_TOKENS_ARG: prior_tokens, BEAM_ARG: True}
+        min_tokens = 0
     return SamplingParams(
         temperature=0.0,
         max_tokens=max_tokens,
-        # A running beam never takes <|im_end|> (that candidate becomes a finished
-        # hypothesis), so the request's guess is the best other token: stop tokens are
-        # masked for its whole length, and it never ends before max_tokens.
-        min_tokens=max_tokens,
+        min_tokens=min_tokens,
         logprobs=num_logprobs,
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,

@@ -38,6 +38,9 @@ earlier, as beam search's new beams do) names those tokens with
     SamplingParams(extra_args={"repetition_penalty_hf": 3.0,
                                "repetition_penalty_hf_prior_tokens": [101, 2048]})
 
+With `BEAM_ARG` true the request extends a beam (`beam_search.py`): the penalty
+acts on the row's log-probabilities, as transformers applies it inside beam
+search, and the stop tokens are excluded.
 A request without the key, or with 1.0, is not touched. Never register these
 classes under vLLM's `vllm.logits_processors` entry point: those load for every
 model served on the machine. Neither runner supports custom logits processors
@@ -67,6 +70,16 @@ REQUEST_ARG = "repetition_penalty_hf"
 # penalty covers as if the request had generated them (a generation continued
 # in a new request whose prompt ends with them, as beam search's forks are).
 PRIOR_TOKENS_ARG = "repetition_penalty_hf_prior_tokens"
+# Optional, with REQUEST_ARG: true when the request extends a beam of
+# transformers' beam search. The penalty then acts on the row's log-probabilities
+# (the log-softmax of its logits, handed on to sampling), as transformers applies
+# it inside beam search, and the request's stop tokens are excluded afterwards
+# (a beam's stop candidate becomes a finished hypothesis, never a longer beam),
+# so greedy sampling picks the beam's best continuation. Excluding them here
+# rather than with `min_tokens` matters: vLLM masks `min_tokens`' stop tokens
+# before custom processors, and the log-softmax would then renormalise without
+# the stop token's probability, which reorders penalised tokens.
+BEAM_ARG = "repetition_penalty_hf_beam"
 
 # The original recipe's value (FireRedASR examples/inference_fireredasr_llm.sh).
 RECIPE_PENALTY = 3.0
@@ -130,6 +143,30 @@ def prior_tokens_from_params(params: SamplingParams) -> list[int]:
     return list(value)
 
 
+def beam_stops_from_params(params: SamplingParams) -> list[int] | None:
+    """The stop tokens a beam request (`BEAM_ARG` true) excludes; None for other requests.
+
+    ValueError for a `BEAM_ARG` other than true or false.
+    """
+    value = (params.extra_args or {}).get(BEAM_ARG, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{BEAM_ARG} must be true or false, got {value!r}")
+    return sorted(params.all_stop_token_ids) if value else None
+
+
+def _penalised(logits: torch.Tensor, seen: torch.Tensor, penalty: float, beam_stops: list[list[int]] | None) -> torch.Tensor:
+    """The penalty on the rows' logits; for beam requests on their log-probabilities, then each row's stop tokens excluded."""
+    if beam_stops is None:
+        return apply_hf_repetition_penalty(logits, seen, penalty)
+    values = apply_hf_repetition_penalty(torch.log_softmax(logits, dim=-1), seen, penalty)
+    rows = [row for row, stops in enumerate(beam_stops) for token in stops if token < values.shape[-1]]
+    cols = [token for stops in beam_stops for token in stops if token < values.shape[-1]]
+    if rows:
+        device = values.device
+        values[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = -math.inf
+    return values
+
+
 def _refuse_speculative_decoding(vllm_config: Any) -> None:
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise ValueError(
@@ -141,10 +178,11 @@ def _refuse_speculative_decoding(vllm_config: Any) -> None:
 class _History:
     """One V1 request: its penalty and the distinct tokens it has generated."""
 
-    __slots__ = ("penalty", "output_ids", "prior", "seen", "counted")
+    __slots__ = ("penalty", "beam_stops", "output_ids", "prior", "seen", "counted")
 
-    def __init__(self, penalty: float, output_ids: list[int], prior: list[int]):
+    def __init__(self, penalty: float, output_ids: list[int], prior: list[int], beam_stops: list[int] | None):
         self.penalty = penalty
+        self.beam_stops = beam_stops
         # vLLM's live list of the request's output tokens: it grows in place.
         self.output_ids = output_ids
         self.prior = prior
@@ -182,6 +220,7 @@ class HFRepetitionPenaltyV1(V1LogitsProcessor):
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         penalty_from_params(sampling_params)
         prior_tokens_from_params(sampling_params)
+        beam_stops_from_params(sampling_params)
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         self.device = device
@@ -202,7 +241,9 @@ class HFRepetitionPenaltyV1(V1LogitsProcessor):
                 # The row may have held another request.
                 self.requests.pop(index, None)
             else:
-                self.requests[index] = _History(penalty, output_ids, prior_tokens_from_params(params))
+                self.requests[index] = _History(
+                    penalty, output_ids, prior_tokens_from_params(params), beam_stops_from_params(params)
+                )
         for source, target, direction in batch_update.moved:
             moving = self.requests.pop(source, None)
             displaced = self.requests.pop(target, None)
@@ -215,16 +256,18 @@ class HFRepetitionPenaltyV1(V1LogitsProcessor):
         if not self.requests:
             return logits
         vocab, device = logits.shape[-1], logits.device
-        by_penalty: dict[float, list[tuple[int, set[int]]]] = {}
+        by_setting: dict[tuple[float, bool], list[tuple[int, _History]]] = {}
         for index, history in self.requests.items():
             tokens = history.refresh()
-            if tokens:
-                by_penalty.setdefault(history.penalty, []).append((index, tokens))
-        for penalty, group in by_penalty.items():
+            # A row with nothing to penalise is left alone, unless it extends a beam.
+            beam = history.beam_stops is not None
+            if tokens or beam:
+                by_setting.setdefault((history.penalty, beam), []).append((index, history))
+        for (penalty, beam), group in by_setting.items():
             rows: list[int] = []
             cols: list[int] = []
-            for local, (_, tokens) in enumerate(group):
-                valid = [t for t in tokens if t < vocab]
+            for local, (_, history) in enumerate(group):
+                valid = [t for t in history.seen if t < vocab]
                 rows.extend([local] * len(valid))
                 cols.extend(valid)
             seen = torch.zeros(len(group), vocab, dtype=torch.bool, device=device)
@@ -232,7 +275,8 @@ class HFRepetitionPenaltyV1(V1LogitsProcessor):
             token_index = torch.tensor(cols, dtype=torch.long, device=device)
             seen[row_index, token_index] = True
             batch_rows = torch.tensor([index for index, _ in group], dtype=torch.long, device=device)
-            logits[batch_rows] = apply_hf_repetition_penalty(logits[batch_rows], seen, penalty)
+            beam_stops = [history.beam_stops for _, history in group] if beam else None
+            logits[batch_rows] = _penalised(logits[batch_rows], seen, penalty, beam_stops)
         return logits
 
 
@@ -259,12 +303,16 @@ class HFRepetitionPenaltyV2(V2LogitsProcessor):
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         penalty_from_params(sampling_params)
         prior_tokens_from_params(sampling_params)
+        beam_stops_from_params(sampling_params)
 
     def __init__(self, vllm_config: VllmConfig, req_states: LogitsProcRequestState) -> None:
         _refuse_speculative_decoding(vllm_config)
         self.req_states = req_states
         self.vocab_size = req_states.vocab_size
         self.penalty = np.ones(req_states.max_num_reqs, dtype=np.float64)
+        self.beam = np.zeros(req_states.max_num_reqs, dtype=bool)
+        # slot -> stop tokens, for slots whose request extends a beam.
+        self.beam_stops: dict[int, list[int]] = {}
         # Allocated up front, so that vLLM's memory profiling sees it: 1 byte per
         # slot and vocabulary entry (a quarter of vLLM's own penalty counts).
         self.seen = torch.zeros(req_states.max_num_reqs, self.vocab_size, dtype=torch.bool, device=req_states.device)
@@ -279,6 +327,9 @@ class HFRepetitionPenaltyV2(V2LogitsProcessor):
             self.pending.pop(req_idx, None)
             return False
         self.penalty[req_idx] = penalty
+        beam_stops = beam_stops_from_params(sampling_params)
+        self.beam[req_idx] = beam_stops is not None
+        self.beam_stops[req_idx] = beam_stops or []
         self.pending[req_idx] = prior_tokens_from_params(sampling_params)
         return True
 
@@ -315,16 +366,19 @@ class HFRepetitionPenaltyV2(V2LogitsProcessor):
         slots = ctx.idx_mapping.to(device)[rows].long()
         self._mark_last_committed(slots)
         vocab = logits.shape[-1]
-        row_penalties = penalties[rows_np]
-        distinct = np.unique(row_penalties)
-        for penalty in distinct:
-            if distinct.size == 1:
+        row_slots_np = slots_np[rows_np]
+        row_settings = np.stack([penalties[rows_np], self.beam[row_slots_np]], axis=1)
+        distinct = np.unique(row_settings, axis=0)
+        for penalty, beam in distinct:
+            chosen = np.flatnonzero((row_settings == (penalty, beam)).all(axis=1))
+            if len(distinct) == 1:
                 group_rows, group_slots = rows, slots
             else:
-                members = torch.from_numpy(np.flatnonzero(row_penalties == penalty)).to(device, non_blocking=True)
+                members = torch.from_numpy(chosen).to(device, non_blocking=True)
                 group_rows, group_slots = rows[members], slots[members]
             seen = self._fit(self.seen[group_slots], vocab)
-            logits[group_rows] = apply_hf_repetition_penalty(logits[group_rows], seen, float(penalty))
+            beam_stops = [self.beam_stops[int(slot)] for slot in row_slots_np[chosen]] if beam else None
+            logits[group_rows] = _penalised(logits[group_rows], seen, float(penalty), beam_stops)
         return logits
 
     def _mark_last_committed(self, slots: torch.Tensor) -> None:
@@ -360,6 +414,7 @@ class HFRepetitionPenalty(V1LogitsProcessor, V2LogitsProcessor):
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         penalty_from_params(sampling_params)
         prior_tokens_from_params(sampling_params)
+        beam_stops_from_params(sampling_params)
 
     def __init__(self, vllm_config: VllmConfig, *args: Any) -> None:
         if len(args) == 2:
