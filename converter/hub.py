@@ -28,10 +28,10 @@ from safetensors import SafetensorError, safe_open
 
 from . import spec
 from .configuration import MODEL_TYPE
-from .plan import format_size
-from .repo_format import INDEX_NAME
 from .model_card import BASE_LLM_REPO, CARD_NAME, PUBLISHED_RESULTS
+from .plan import format_size
 from .provenance import PROVENANCE_KEY
+from .repo_format import INDEX_NAME
 from .sources import read_safetensors_header
 from .tokenizer import COPIED_FILES, EDITED_FILES
 

@@ -19,7 +19,15 @@ import click
 from huggingface_hub import HfApi, get_token
 
 from . import __version__
-from .hub import HubPushError, check_push_arguments, describe_hub_error, first_line, mask_tokens, push_to_hub, resume_advice
+from .hub import (
+    HubPushError,
+    check_push_arguments,
+    describe_hub_error,
+    first_line,
+    mask_tokens,
+    push_to_hub,
+    resume_advice,
+)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The converted repo's configs, built from the release: `config.json`, `preprocessor_config.json`, `generation_config.json`.
+"""The converted repo's configs built from the release: config, preprocessor config, generation config.
 
 The plugin format's config classes are defined in `configuration` and
 `feature_extraction`; the stock-vLLM export builds its own config from

@@ -111,7 +111,7 @@ def speech_recording(seconds: float, seed: int = 0) -> tuple[np.ndarray, list[tu
 
 
 def load_release_pickle(path: Path) -> dict:
-    """A release pickle (`model.pth.tar`, `asr_encoder.pth.tar`) loaded the safe way: tensors and argparse.Namespace only."""
+    """A release pickle (`model.pth.tar`, `asr_encoder.pth.tar`) loaded safely: tensors and argparse.Namespace only."""
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
