@@ -178,7 +178,8 @@ def run_reference_recipe(repo: Path, clips: list[np.ndarray], output_tokens: int
 def run_plugin_recipe(repo: Path, clips: list[np.ndarray], output_tokens: int | None, dtype: str,
                       latency_clips: list[np.ndarray], engine_kwargs: dict) -> dict:
     """The plugin's batched beam search with the original's recipe, all clips at once."""
-    from fireredasr_vllm.offline import Decoding, create_engine, shutdown_engine, transcriptions
+    from fireredasr_vllm.decoding import Decoding
+    from fireredasr_vllm.offline import create_engine, shutdown_engine, transcriptions
 
     decoding = Decoding(beam_size=RECIPE["num_beams"], repetition_penalty=RECIPE["repetition_penalty"],
                         length_penalty=RECIPE["length_penalty"], max_new_tokens=output_tokens)  # fmt: skip

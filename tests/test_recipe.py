@@ -22,10 +22,8 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 
 from fireredasr_converter import spec
 from fireredasr_vllm.beam_search import ClipBeamSearch, FinishedHypotheses, penalised_logprob
+from fireredasr_vllm.decoding import GREEDY, ORIGINAL_RECIPE, Decoding
 from fireredasr_vllm.offline import (
-    GREEDY,
-    ORIGINAL_RECIPE,
-    Decoding,
     Transcript,
     _check_penalty_processor,
     create_engine,
@@ -42,8 +40,13 @@ def test_decoding_recipe_and_validation():
     assert Decoding.original() == ORIGINAL_RECIPE
     assert GREEDY == Decoding(1, 1.0, 1.0, None)
     for bad in ({"beam_size": 0}, {"repetition_penalty": 0.0}, {"repetition_penalty": float("nan")}, {"max_new_tokens": 0}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=next(iter(bad))):
             Decoding(**bad)
+    # The beam search bookkeeping takes the same checks.
+    with pytest.raises(ValueError, match="repetition_penalty must be a finite number above 0"):
+        ClipBeamSearch(num_beams=3, max_new_tokens=5, eos_token_id=2, repetition_penalty=-1.0)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        ClipBeamSearch(num_beams=3, max_new_tokens=0, eos_token_id=2)
 
 
 def test_penalty_is_transformers_arithmetic_on_float32_logprobs():

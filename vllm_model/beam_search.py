@@ -60,6 +60,8 @@ import numpy as np
 
 from fireredasr_converter import spec
 
+from .decoding import Decoding
+
 Key = TypeVar("Key", bound=Hashable)
 
 _FLOAT = np.float32
@@ -145,12 +147,8 @@ class ClipBeamSearch:
         repetition_penalty: float = 1.0,
         length_penalty: float = 1.0,
     ):
-        if num_beams < 1:
-            raise ValueError(f"num_beams must be at least 1, got {num_beams}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if not repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be greater than 0, got {repetition_penalty}")
+        # The arguments' checks (ValueError naming the argument).
+        Decoding(num_beams, repetition_penalty, length_penalty, max_new_tokens)
         self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens
         self.eos_token_id = eos_token_id

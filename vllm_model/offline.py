@@ -6,9 +6,9 @@ the original's decoding length, and a streaming loop that keeps the engine's
 batch full while handing each transcript back as soon as it is finished.
 
 `transcriptions(llm, clips, Decoding(...))` is the one entry point for every
-decoding mode: greedy (optionally with the original's repetition penalty, as
-a logits processor) and transformers-4.x beam search (`beam_search.py`).
-`ORIGINAL_RECIPE` is the original's published setting.
+decoding mode (`decoding.py`: `Decoding`, `ORIGINAL_RECIPE`): greedy (optionally
+with the original's repetition penalty, as a logits processor) and
+transformers-4.x beam search (`beam_search.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from typing import TypeVar
 import numpy as np
 
 from fireredasr_converter import spec
+
+from .decoding import GREEDY, Decoding
 
 # Room for the longest accepted clip (30 s: 375 speech embeddings), the prompt and
 # as many generated tokens as embeddings.
@@ -56,40 +58,6 @@ class Transcript:
     token_ids: list[int]
 
 
-@dataclass(frozen=True)
-class Decoding:
-    """How to decode: the original's `generate` arguments.
-
-    `beam_size` 1 is greedy decoding; `repetition_penalty` is transformers'
-    (generated tokens only, see `repetition_penalty.py`); `length_penalty` only
-    matters for beam search (score = summed log-probabilities / generated
-    length ** length_penalty); `max_new_tokens=None` is the original's per-clip
-    limit N, one token per speech embedding.
-    """
-
-    beam_size: int = 1
-    repetition_penalty: float = 1.0
-    length_penalty: float = 1.0
-    max_new_tokens: int | None = None
-
-    def __post_init__(self):
-        if not isinstance(self.beam_size, int) or self.beam_size < 1:
-            raise ValueError(f"beam_size must be an integer of at least 1, got {self.beam_size!r}")
-        if not (isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty < float("inf")):
-            raise ValueError(f"repetition_penalty must be a finite number above 0, got {self.repetition_penalty!r}")
-        if not (isinstance(self.length_penalty, (int, float)) and abs(self.length_penalty) < float("inf")):
-            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1 (or None for N), got {self.max_new_tokens}")
-
-    @classmethod
-    def original(cls) -> Decoding:
-        """The original's published recipe: beam 3, repetition penalty 3.0, length penalty 1.0, N tokens at most."""
-        return cls(beam_size=3, repetition_penalty=3.0, length_penalty=1.0)
-
-
-ORIGINAL_RECIPE = Decoding.original()
-GREEDY = Decoding()
 
 
 def create_engine(model: str | Path, *, dtype: str = "auto", max_model_len: int = DEFAULT_MAX_MODEL_LEN, **engine_kwargs):

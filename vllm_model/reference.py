@@ -40,6 +40,7 @@ from fireredasr_converter.configuration import FireRedAsrLlmConfig, register_wit
 from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
 
 from .conformer import SpeechEncoder
+from .decoding import Decoding
 
 
 AudioClip = np.ndarray | torch.Tensor
@@ -211,16 +212,12 @@ class ReferenceFireRedAsrLlm:
         repetition_penalty: float = 1.0,
         length_penalty: float = 1.0,
     ):
+        # The arguments' checks (ValueError naming the argument).
+        Decoding(num_beams, repetition_penalty, length_penalty, max_new_tokens)
         embeds, num_embeddings = self.prompt_embeds(waveform, sampling_rate)
         if max_new_tokens is None:
             # The original's default (decode_max_len=0): one new token per speech embedding.
             max_new_tokens = max(1, num_embeddings)
-        elif max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if num_beams < 1:
-            raise ValueError(f"num_beams must be at least 1, got {num_beams}")
-        if not repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be greater than 0, got {repetition_penalty}")
         if num_beams > 1:
             if with_logits:
                 raise ValueError("per-step logits are only returned for greedy decoding")

@@ -41,11 +41,9 @@ import click
 from fireredasr_converter.repo_format import DTYPE_NAMES
 
 from .audio_input import InputError, Utterance, collect_utterances, duration_seconds
+from .decoding import GREEDY, ORIGINAL_RECIPE, Decoding
 from .offline import (
     DEFAULT_MAX_MODEL_LEN,
-    GREEDY,
-    ORIGINAL_RECIPE,
-    Decoding,
     create_engine,
     shutdown_engine,
     transcriptions,
