@@ -59,12 +59,9 @@ from fireredasr_converter import spec
 from fireredasr_converter.configuration import FireRedAsrLlmConfig
 from fireredasr_converter.repo_format import DTYPES, dtype_name
 from fireredasr_converter.fixtures import LLM_L_SHAPES, TINY_SHAPES, build_release, scaled_shapes, synthetic_speech
-from fireredasr_converter.stock_vllm import (
-    STOCK_AUDIO_TOKEN,
-    STOCK_VLLM_TARGET,
-    enable_stock_processor_without_torchvision,
-)
+from fireredasr_converter.stock_vllm import STOCK_AUDIO_TOKEN, STOCK_VLLM_TARGET
 from fireredasr_vllm.offline import default_max_new_tokens
+from fireredasr_vllm.stock_serving import enable_stock_processor_without_torchvision
 
 # At module level: vLLM's spawned engine processes re-run this script's top level.
 # (A no-op where torchvision is installed; only stock's processor needs it.)

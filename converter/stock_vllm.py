@@ -14,10 +14,9 @@ for FireRedASR2-LLM, whose architecture is FireRedASR-LLM-L's. What it reads:
 
 Everything else (plan, streaming, LoRA merge, verification, generation config,
 provenance) is the shared pipeline. Nothing here imports vLLM: the export is
-written from the facts in `spec` and the names above. The one serve-time piece,
-`enable_stock_processor_without_torchvision`, is called by the processes that
-serve the export (`tests/stock_vllm_worker.py`, `benchmarks/serve.py`), not by
-the converter.
+written from the facts in `spec` and the names above. What a process serving
+the export may need at serve time lives with the serving code
+(`fireredasr_vllm.stock_serving`).
 """
 
 from __future__ import annotations
@@ -214,31 +213,3 @@ class StockVllmFormat(OutputFormat):
         (folder / PREPROCESSOR_CONFIG).write_text(json.dumps(preprocessor_config(release), indent=2) + "\n")
         write_model_card(model_card(release, plan, options), folder)
         build_config(release, plan, conversion).save_pretrained(folder)
-
-
-def enable_stock_processor_without_torchvision() -> None:
-    """Let stock vLLM load `FireRedASR2Processor` where torchvision is not installed.
-
-    transformers 5.19 resolves a processor's string-named feature extractor by
-    searching its auto registries, the video-processor one before the
-    feature-extractor one; without torchvision that registry is a placeholder
-    class whose attribute access raises, so the lookup fails before reaching
-    the feature extractor vLLM registered. This installs an empty video
-    registry, which is what it holds without torchvision. No-op when
-    torchvision is installed (regular vLLM installs).
-
-    Needed in every process that loads the processor: with vLLM's spawned
-    engine processes, call it at the top level of the main script (outside the
-    `if __name__ == "__main__":` block), which they re-run on start.
-    """
-    from collections import OrderedDict
-
-    from transformers import processing_utils
-    from transformers.models.auto.auto_factory import _LazyAutoMapping
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():
-        return
-    # processing_utils holds its own reference to the transformers module it searches.
-    processing_utils.transformers_module.VIDEO_PROCESSOR_MAPPING = _LazyAutoMapping(CONFIG_MAPPING_NAMES, OrderedDict())

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fireredasr_converter.stock_vllm import enable_stock_processor_without_torchvision
+from fireredasr_vllm.stock_serving import enable_stock_processor_without_torchvision
 
 # At module level: vLLM's spawned engine processes re-run this file's top level, not main().
 enable_stock_processor_without_torchvision()
@@ -64,7 +64,9 @@ def main(job_path: Path, result_path: Path) -> None:
         )
         result = {
             "plugin_registered": PLUGIN_ARCHITECTURE in ModelRegistry.get_supported_archs(),
-            "plugin_imported": "fireredasr_vllm" in sys.modules,
+            # The package itself is imported for its stock_serving shim; the plugin's
+            # model code must not be.
+            "plugin_imported": "fireredasr_vllm.model" in sys.modules,
             "architecture": model_config.architecture,
             "prompt": request(job["solo"][0])["prompt"],
             "max_audio_clip_s": stt_config.max_audio_clip_s,
