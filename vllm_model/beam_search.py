@@ -374,10 +374,10 @@ def batched_beam_search(
             for request_id in running:
                 del owner[request_id]
 
-    def drop(number: int) -> _ActiveClip | None:
+    def drop(number: int) -> None:
         """Forget a clip and abort its requests, including any started in a step that then failed."""
         abort([stream for owning, stream in owner.values() if owning == number])
-        return active.pop(number, None)
+        active.pop(number, None)
 
     def advance(number: int, clip: _ActiveClip) -> bool:
         """Step the clip's search while every beam has its next log-probabilities; True when it is done."""
