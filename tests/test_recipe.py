@@ -12,6 +12,7 @@ Two parts:
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -288,14 +289,23 @@ def reference(demo_repo):
 
 @pytest.fixture(scope="module")
 def llm(demo_repo):
-    # apply_model sends a function to the engine process (the encoder count below).
+    # apply_model sends a function to the engine (the encoder count below).
     with pytest.MonkeyPatch.context() as env:
         env.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        env.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
         # Statistics on: the prefix-cache test reads the engine's hit counters.
         engine = create_engine(demo_repo, dtype="float32", enforce_eager=True, seed=0, gpu_memory_utilization=0.2,
                                disable_log_stats=False)  # fmt: skip
         yield engine
         shutdown_engine(engine)
+
+
+def test_cpu_engine_core_runs_in_this_process(llm):
+    from vllm.v1.engine.core_client import InprocClient
+
+    assert isinstance(llm.llm_engine.engine_core, InprocClient)
+    # Set only while the engine was built: engines the user starts later are not affected.
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
 
 
 def token_ids(results) -> dict[str, list[int]]:
