@@ -109,7 +109,8 @@ def _engine_in_this_process():
     took 41.8 s in-process against 77.0 s with an engine process, the recipe's beam
     search of 12 clips 56 s against 150 s. vLLM reads the variable while building
     the engine and then freezes its environment in the process that hosts an engine
-    core, so it is set only for the construction.
+    core, so it is set only for the construction. In-process, vLLM's CPU worker binds
+    this process's threads to the cores and makes `torch.set_num_threads` a no-op here.
     """
     name = "VLLM_ENABLE_V1_MULTIPROCESSING"
     if name in os.environ:
