@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 VLLM_NEXT := 0.33.0
 OVERLAY := .vllm-$(VLLM_NEXT)
 NEXT_ENV := VLLM_TARGET_DEVICE=cpu PYTHONPATH=$(OVERLAY)
-NEXT_TESTS := tests/test_vllm_offline.py tests/test_model_runner_v2.py tests/test_vllm_serve.py
+NEXT_TESTS := tests/test_vllm_offline.py tests/test_model_runner_v2.py tests/test_vllm_serve.py tests/test_recipe.py
 
 .PHONY: demo test test-fast test-vllm-next
 
