@@ -56,12 +56,16 @@ def write_scp(folder: Path, clips: int) -> Path:
 def timed_run(command: list[str]) -> dict:
     """Run the CLI with the transcripts on a pipe; when each line came, and the whole run's wall time."""
     start = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines, times = [], []
-    for line in process.stdout:
-        lines.append(line)
-        times.append(time.monotonic() - start)
-    stderr = process.stderr.read()
+    # stderr to a file: a pipe read only after stdout ends blocks the CLI once it fills.
+    with tempfile.TemporaryFile(mode="w+", encoding="utf-8") as stderr_file:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr_file, text=True)
+        lines, times = [], []
+        for line in process.stdout:
+            lines.append(line)
+            times.append(time.monotonic() - start)
+        process.wait()
+        stderr_file.seek(0)
+        stderr = stderr_file.read()
     if process.wait() != 0:
         raise click.ClickException(f"{' '.join(command[3:])} failed:\n{stderr[-3000:]}")
     wall = time.monotonic() - start

@@ -12,6 +12,7 @@ Two parts:
 
 from __future__ import annotations
 
+import logging
 import os
 from types import SimpleNamespace
 
@@ -306,6 +307,23 @@ def test_cpu_engine_core_runs_in_this_process(llm):
     assert isinstance(llm.llm_engine.engine_core, InprocClient)
     # Set only while the engine was built: engines the user starts later are not affected.
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+
+
+def test_in_process_engine_does_not_log_a_warning_per_request(llm, recipe_clips):
+    # vLLM's front end sets torch's thread count around each audio request; the CPU
+    # worker that bound the threads in this process warns on every such call.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    worker_logger = logging.getLogger("vllm.v1.worker.cpu_worker")
+    worker_logger.addHandler(handler)
+    try:
+        clips = list(recipe_clips.items())[:3]
+        results = dict(transcriptions(llm, clips, GREEDY))
+    finally:
+        worker_logger.removeHandler(handler)
+    assert all(isinstance(r, Transcript) for r in results.values())
+    assert not [r.getMessage() for r in records if "set_num_threads" in r.getMessage()]
 
 
 def token_ids(results) -> dict[str, list[int]]:

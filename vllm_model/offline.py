@@ -13,6 +13,7 @@ transformers-4.x beam search (`beam_search.py`).
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from contextlib import contextmanager, nullcontext
@@ -112,6 +113,7 @@ def _engine_in_this_process():
     core, so it is set only for the construction. In-process, vLLM's CPU worker binds
     this process's threads to the cores and makes `torch.set_num_threads` a no-op here.
     """
+    _drop_thread_binding_warnings()
     name = "VLLM_ENABLE_V1_MULTIPROCESSING"
     if name in os.environ:
         yield
@@ -121,6 +123,28 @@ def _engine_in_this_process():
         yield
     finally:
         del os.environ[name]
+
+
+# What vLLM's CPU worker logs whenever torch.set_num_threads is called in the process
+# that hosts it; in-process that is vLLM's own front end, twice per audio request.
+THREAD_BINDING_WARNING = "CPU backend doesn't allow to use `torch.set_num_threads`"
+
+
+class _ThreadBindingWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(THREAD_BINDING_WARNING)
+
+
+def _drop_thread_binding_warnings() -> None:
+    """Keep an in-process CPU engine from logging a warning nobody can act on per request.
+
+    vLLM's front end wraps each multimodal request's processing in a torch thread
+    setting, which the CPU worker (having bound the threads) skips with a warning:
+    thousands of lines on a batch job's stderr, enough to fill a pipe nobody reads yet.
+    """
+    logger = logging.getLogger("vllm.v1.worker.cpu_worker")
+    if not any(isinstance(f, _ThreadBindingWarningFilter) for f in logger.filters):
+        logger.addFilter(_ThreadBindingWarningFilter())
 
 
 def shutdown_engine(llm) -> None:
