@@ -301,6 +301,7 @@ def llm(demo_repo):
         shutdown_engine(engine)
 
 
+@pytest.mark.vllm
 def test_cpu_engine_core_runs_in_this_process(llm):
     from vllm.v1.engine.core_client import InprocClient
 
@@ -309,6 +310,7 @@ def test_cpu_engine_core_runs_in_this_process(llm):
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
 
 
+@pytest.mark.vllm
 def test_in_process_engine_does_not_log_a_warning_per_request(llm, recipe_clips):
     # vLLM's front end sets torch's thread count around each audio request; the CPU
     # worker that bound the threads in this process warns on every such call.
