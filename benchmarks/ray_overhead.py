@@ -63,10 +63,10 @@ def timed_run(command: list[str]) -> dict:
         for line in process.stdout:
             lines.append(line)
             times.append(time.monotonic() - start)
-        process.wait()
+        returncode = process.wait()
         stderr_file.seek(0)
         stderr = stderr_file.read()
-    if process.wait() != 0:
+    if returncode != 0:
         raise click.ClickException(f"{' '.join(command[3:])} failed:\n{stderr[-3000:]}")
     wall = time.monotonic() - start
     # Lines that all come within a second (one engine batch) give no steady rate: too few clips per engine.
