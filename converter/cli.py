@@ -16,6 +16,7 @@ from .hub_cli import PushRequest, check_push_request, hub_options, run_push
 from .pipeline import DEFAULT_TARGET, TARGETS, convert
 from .plan import DEFAULT_MAX_SHARD_SIZE, parse_size
 from .repo_format import DTYPES
+from .safe_io import sigterm_as_interrupt
 
 
 class _Size(click.ParamType):
@@ -67,7 +68,18 @@ def main(
     the tokenizer with <speech>, preprocessor and generation configs and a model card.
     --target stock-vllm writes the layout of stock vLLM's FireRedASR2 model instead.
     With --push-to-hub, OUT is then uploaded as `fireredasr-push OUT ORG/NAME` does.
+    SIGTERM stops it as Ctrl-C does: nothing is left behind.
     """
+    with sigterm_as_interrupt():
+        _convert_and_push(
+            src, out, llm_dir, dtype, max_shard_size, lora_alpha, target, overwrite, dry_run, quiet, push_to_hub,
+            hub_settings,
+        )  # fmt: skip
+
+
+def _convert_and_push(
+    src, out, llm_dir, dtype, max_shard_size, lora_alpha, target, overwrite, dry_run, quiet, push_to_hub, hub_settings
+):
     push = _push_request(push_to_hub, hub_settings)
     if push is not None and target != DEFAULT_TARGET:
         raise click.UsageError(f"--push-to-hub uploads the {DEFAULT_TARGET} format only; drop --target {target}")
@@ -122,4 +134,5 @@ def push_main(out, repo_id, **hub_settings):
     OUT. Re-running after a failure resumes. Prints the repo URL and the
     `vllm serve` command. See docs/hub.md.
     """
-    run_push(out, PushRequest(repo_id=repo_id, **hub_settings))
+    with sigterm_as_interrupt():
+        run_push(out, PushRequest(repo_id=repo_id, **hub_settings))

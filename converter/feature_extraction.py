@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,6 +24,7 @@ from .spec import (
     NUM_MEL_BINS,
     SAMPLE_RATE,
     SAMPLE_SCALE,
+    check_max_audio_seconds,
     fbank_frame_count,
     min_samples_for_one_embedding,
 )
@@ -51,6 +53,10 @@ KALDI_FBANK_OPTIONS = {
 
 _FFT_SIZE = 1 << (FRAME_LENGTH_SAMPLES - 1).bit_length()  # 512: next power of two
 _LOG_FLOOR = float(np.finfo(np.float32).eps)  # Kaldi floors mel energies at FLT_EPSILON
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
 
 
 def _mel_scale(freq: np.ndarray) -> np.ndarray:
@@ -135,13 +141,26 @@ class FireRedAsrFeatureExtractor(SequenceFeatureExtractor):
             raise ValueError(f"unsupported fbank options {changed}: only the original's options are implemented")
         if (cmvn_mean is None) != (cmvn_istd is None):
             raise ValueError("cmvn_mean and cmvn_istd must be given together")
+        # A repo's preprocessor_config.json is data from elsewhere: every number is checked here,
+        # where it enters, so NaN or text never reaches the features or the memory bound.
         for name, values in (("cmvn_mean", cmvn_mean), ("cmvn_istd", cmvn_istd)):
-            if values is not None and len(values) != feature_size:
-                raise ValueError(f"{name} has {len(values)} values, expected {feature_size}")
+            if values is None:
+                continue
+            if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) != feature_size:
+                raise ValueError(f"{name} must hold {feature_size} numbers")
+            if not all(_is_finite_number(v) for v in values):
+                raise ValueError(f"{name} holds a value that is not a finite number")
+        if cmvn_istd is not None and not all(v > 0 for v in cmvn_istd):
+            raise ValueError("cmvn_istd holds a value that is not positive")
+        if cmvn_frame_count is not None and not (_is_finite_number(cmvn_frame_count) and cmvn_frame_count >= 1):
+            raise ValueError(f"cmvn_frame_count {str(cmvn_frame_count)[:40]!r} is not a finite count >= 1")
         self.cmvn_mean = None if cmvn_mean is None else [float(v) for v in cmvn_mean]
         self.cmvn_istd = None if cmvn_istd is None else [float(v) for v in cmvn_istd]
         self.cmvn_frame_count = None if cmvn_frame_count is None else float(cmvn_frame_count)
-        self.max_audio_seconds = float(max_audio_seconds)
+        try:
+            self.max_audio_seconds = check_max_audio_seconds(max_audio_seconds)
+        except ValueError as error:
+            raise ValueError(f"max_audio_seconds: {error}") from None
         self.fbank_options = dict(KALDI_FBANK_OPTIONS)
 
     @property

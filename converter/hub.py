@@ -8,8 +8,8 @@ token lookup, printing, exit status) is in `hub_cli`, not here.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
-import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -28,12 +28,15 @@ from safetensors import SafetensorError, safe_open
 
 from . import spec
 from .configuration import MODEL_TYPE
+from .errors import ConversionError, first_line
+from .feature_extraction import FireRedAsrFeatureExtractor
 from .model_card import BASE_LLM_REPO, CARD_NAME, PUBLISHED_RESULTS
 from .plan import format_size
 from .provenance import PROVENANCE_KEY
-from .repo_format import INDEX_NAME
+from .repo_format import INDEX_NAME, SHARD_NAME_GLOB
+from .safe_io import UnsafeInput, load_json, write_atomically
 from .sources import read_safetensors_header
-from .tokenizer import COPIED_FILES, EDITED_FILES
+from .tokenizer import EDITED_FILES, SIDE_FILES, TOKENIZER_CONFIG_KEYS, TOKENIZER_JSON_KEYS, check_side_file
 
 REPO_TYPE = "model"
 PR_REF_PREFIX = "refs/pr/"
@@ -48,8 +51,12 @@ REQUIRED_FILES = (
 )
 # Remote weight files not in the upload are deleted in the same commit: a repo
 # re-pushed after converting with another --max-shard-size would otherwise keep
-# the old shards, which every server would download for nothing.
-STALE_WEIGHT_PATTERNS = ["*.safetensors"]
+# the old shards, which every server would download for nothing. Only top-level
+# files named as the converter names its shards: anything else on the Hub (a
+# subfolder's weights, someone's other files) is not this tool's to delete.
+STALE_WEIGHT_PATTERNS = [SHARD_NAME_GLOB]
+# Keys that make `trust_remote_code` run code from a repo; this project never needs it.
+REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
 # The Hub card metadata the model needs to be found and shown right.
 REQUIRED_CARD_METADATA = {
     "pipeline_tag": "automatic-speech-recognition",
@@ -127,12 +134,27 @@ def _refuse(folder: Path, problem: str) -> HubPushError:
 
 def _read_json(folder: Path, name: str) -> dict:
     try:
-        content = json.loads((folder / name).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise _refuse(folder, f"cannot read {name} ({error})") from None
-    if not isinstance(content, dict):
-        raise _refuse(folder, f"{name} is not a JSON object")
+        content = load_json(folder / name)
+    except UnsafeInput as error:
+        raise _refuse(folder, f"{name} cannot be used ({error})") from None
+    except OSError as error:
+        raise _refuse(folder, f"cannot read {name} ({error.strerror or error})") from None
+    _refuse_remote_code(folder, name, content)
     return content
+
+
+def _refuse_remote_code(folder: Path, name: str, content: dict) -> None:
+    """No key anywhere in a JSON file that would make `trust_remote_code` fetch or run code."""
+    stack = [content]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            found = [key for key in REMOTE_CODE_KEYS if key in item]
+            if found:
+                raise _refuse(folder, f"{name} has {found[0]}, which points loaders at code outside this project")
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _check_shards(folder: Path, index: dict) -> list[str]:
@@ -142,6 +164,8 @@ def _check_shards(folder: Path, index: dict) -> list[str]:
         raise _refuse(folder, f"{INDEX_NAME} has no weight_map or metadata.total_size")
     tensors_by_shard: dict[str, set[str]] = {}
     for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or not fnmatch.fnmatchcase(shard, SHARD_NAME_GLOB):
+            raise _refuse(folder, f"{INDEX_NAME} names the shard {str(shard)[:60]!r}, not one the converter writes")
         tensors_by_shard.setdefault(shard, set()).add(tensor)
     stray = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in tensors_by_shard)
     if stray:
@@ -149,8 +173,9 @@ def _check_shards(folder: Path, index: dict) -> list[str]:
     data_bytes = 0
     for shard, tensors in sorted(tensors_by_shard.items()):
         path = folder / shard
-        if not path.is_file():
+        if not (path.exists() or path.is_symlink()):
             raise _refuse(folder, f"shard {shard} listed in {INDEX_NAME} is missing")
+        _check_regular_file(folder, shard)
         try:
             # safe_open refuses a file whose data does not exactly cover its header (a truncated copy).
             with safe_open(path, framework="numpy") as stored:
@@ -159,19 +184,66 @@ def _check_shards(folder: Path, index: dict) -> list[str]:
             raise _refuse(folder, f"shard {shard} is damaged ({error})") from None
         if names != tensors:
             raise _refuse(folder, f"shard {shard} does not hold the tensors {INDEX_NAME} assigns to it")
-        stored_tensors = read_safetensors_header(path, fix="convert the repo again")
+        try:
+            stored_tensors = read_safetensors_header(path, fix="convert the repo again")
+        except ConversionError as error:
+            raise _refuse(folder, f"shard {shard} is damaged ({error})") from None
         data_bytes += sum(t.numel * t.dtype.itemsize for _, t in stored_tensors)
     if data_bytes != total_size:
         raise _refuse(folder, f"the shards hold {data_bytes} bytes of tensors, {INDEX_NAME} says {total_size}")
     return sorted(tensors_by_shard)
 
 
-def _check_tokenizer(folder: Path, speech_token_id: object) -> None:
-    added = _read_json(folder, "tokenizer.json").get("added_tokens", [])
-    ids = [token.get("id") for token in added if isinstance(token, dict) and token.get("content") == spec.SPEECH_TOKEN]
+def _check_tokenizer(folder: Path, speech_token_id: object) -> list[str]:
+    """The tokenizer files as the converter writes them; returns the side files present."""
+    tokenizer = _read_json(folder, "tokenizer.json")
+    model, added = tokenizer.get("model"), tokenizer.get("added_tokens")
+    if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict) or not isinstance(added, list):
+        raise _refuse(folder, "tokenizer.json has no BPE vocabulary or added_tokens list")
+    if not all(isinstance(token, dict) and isinstance(token.get("content"), str) for token in added):
+        raise _refuse(folder, "tokenizer.json has an added token without content")
+    ids = [token.get("id") for token in added if token.get("content") == spec.SPEECH_TOKEN]
     if ids != [speech_token_id]:
         problem = f"tokenizer.json does not have {spec.SPEECH_TOKEN} as token {speech_token_id} (config.json)"
         raise _refuse(folder, problem)
+    for name, known in (("tokenizer.json", TOKENIZER_JSON_KEYS), ("tokenizer_config.json", TOKENIZER_CONFIG_KEYS)):
+        content = tokenizer if name == "tokenizer.json" else _read_json(folder, name)
+        unknown = sorted(set(content) - known)
+        if unknown:
+            raise _refuse(folder, f"{name} has the key {unknown[0][:40]!r}, which the converter never writes")
+    present = []
+    for name in SIDE_FILES:
+        path = folder / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        _check_regular_file(folder, name)
+        problem = check_side_file(name, path.read_bytes(), tokenizer)
+        if problem is not None:
+            raise _refuse(folder, f"{name} does not match tokenizer.json ({problem})")
+        present.append(name)
+    return present
+
+
+def _check_regular_file(folder: Path, name: str) -> None:
+    """A file to upload must be the folder's own: a symlink could publish anything it points at."""
+    path = folder / name
+    if path.is_symlink():
+        raise _refuse(folder, f"{name} is a symlink (-> {os.readlink(path)}); the push uploads only regular files")
+    if not path.is_file():
+        raise _refuse(folder, f"{name} is missing")
+
+
+def _check_preprocessor(folder: Path) -> None:
+    """preprocessor_config.json's numbers (clip limit, CMVN) as the front-end checks them when it loads."""
+    config = {
+        key: value
+        for key, value in _read_json(folder, "preprocessor_config.json").items()
+        if key not in ("feature_extractor_type", "processor_class")
+    }
+    try:
+        FireRedAsrFeatureExtractor(**config)
+    except (TypeError, ValueError) as error:
+        raise _refuse(folder, f"preprocessor_config.json cannot be used ({str(error).splitlines()[0][:160]})") from None
 
 
 def _as_list(value) -> list:
@@ -212,19 +284,17 @@ def check_converted_repo(folder: Path) -> ConvertedRepo:
     if not folder.is_dir():
         raise HubPushError(f"{folder} is not a folder: give the output folder of fireredasr-convert")
     for name in REQUIRED_FILES:
-        if not (folder / name).is_file():
-            raise _refuse(folder, f"{name} is missing")
+        _check_regular_file(folder, name)
     config = _read_json(folder, "config.json")
     if config.get("model_type") != MODEL_TYPE:
         raise _refuse(folder, f"config.json has model_type {config.get('model_type')!r}, not {MODEL_TYPE!r}")
     if not isinstance(config.get(PROVENANCE_KEY), dict):
         raise _refuse(folder, f"config.json has no {PROVENANCE_KEY} record")
     shards = _check_shards(folder, _read_json(folder, INDEX_NAME))
-    _check_tokenizer(folder, config.get("speech_token_id"))
-    for name in ("tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
-        _read_json(folder, name)
+    optional = _check_tokenizer(folder, config.get("speech_token_id"))
+    _check_preprocessor(folder)
+    _read_json(folder, "generation_config.json")
     check_model_card(folder / CARD_NAME)
-    optional = [name for name in COPIED_FILES if (folder / name).is_file()]
     files = sorted({*REQUIRED_FILES, *optional, *shards})
     return ConvertedRepo(
         folder=folder,
@@ -249,9 +319,7 @@ def point_model_card_at(folder: Path, repo_id: str) -> bool:
         return False
     current = match.group(1)
     updated = text.replace(f"vllm serve {current}", f"vllm serve {repo_id}").replace(f'"{current}"', f'"{repo_id}"')
-    staged = path.with_name(f".{path.name}.tmp")
-    staged.write_text(updated, encoding="utf-8")
-    os.replace(staged, path)
+    write_atomically(path, updated)
     return True
 
 
@@ -405,11 +473,6 @@ def _causes(error: BaseException):
         seen.add(id(error))
         yield error
         error = error.__cause__ or error.__context__
-
-
-def first_line(text: str) -> str:
-    """The first non-blank line of `text`, stripped: error messages are shown as one line."""
-    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
 
 
 def _http_fix(status: int | None, repo_id: str, resume: str) -> str:

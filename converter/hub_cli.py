@@ -19,11 +19,11 @@ import click
 from huggingface_hub import HfApi, get_token
 
 from . import __version__
+from .errors import first_line
 from .hub import (
     HubPushError,
     check_push_arguments,
     describe_hub_error,
-    first_line,
     mask_tokens,
     push_to_hub,
     resume_advice,

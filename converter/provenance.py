@@ -18,6 +18,7 @@ from pathlib import Path
 from . import __version__
 from .plan import DEFAULT_MAX_SHARD_SIZE, ConversionPlan, parse_size
 from .release import Release
+from .safe_io import UnsafeInput, load_json
 
 CONVERTER = "fireredasr-convert"
 PROVENANCE_KEY = "fireredasr_conversion"
@@ -100,6 +101,19 @@ def provenance(release: Release, plan: ConversionPlan, options: ConversionOption
             for path in release.input_files
         },
     }
+
+
+def made_by_converter(folder: Path) -> bool:
+    """True if `folder` holds a repo this converter wrote: a config.json (a file, not a link)
+    carrying its provenance record. What `--overwrite` may replace."""
+    config = Path(folder) / "config.json"
+    if config.is_symlink() or not config.is_file():
+        return False
+    try:
+        record = load_json(config).get(PROVENANCE_KEY)
+    except (OSError, UnsafeInput):
+        return False
+    return isinstance(record, dict) and record.get("converter") == CONVERTER
 
 
 def command_line(options: ConversionOptions) -> str:

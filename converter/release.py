@@ -11,7 +11,7 @@ their rank, and reads the CMVN statistics. Every inconsistency is a one-line
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -25,7 +25,15 @@ from .configuration import FireRedAsrEncoderConfig
 from .errors import ConversionError
 from .lora import LoraAdapter, collect_lora
 from .repo_format import ENCODER_PREFIX, INDEX_NAME, PROJECTOR_PREFIX
-from .sources import Checkpoint, SafetensorsFolder, check_readable, load_checkpoint, read_kaldi_matrix
+from .safe_io import UnsafeInput, load_json
+from .sources import (
+    Checkpoint,
+    SafetensorsFolder,
+    check_readable,
+    load_checkpoint,
+    read_kaldi_matrix,
+    tensor_problem,
+)
 from .tokenizer import SourceTokenizer, inspect_tokenizer
 
 MODEL_CHECKPOINT = "model.pth.tar"
@@ -39,6 +47,62 @@ LAYOUTS = {
 
 LLM_PREFIX = "llm."
 _ENCODER_LAYER = re.compile(r"^encoder\.layer_stack\.(\d+)\.(.+)$")
+_QWEN2_TENSOR = re.compile(r"^(model\.|lm_head\.)")
+
+
+def _int_in(low: int, high: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _number_in(low: float, high: float):
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
+
+
+def _optional(check):
+    return lambda v: v is None or check(v)
+
+
+def _list_of(check):
+    return lambda v: isinstance(v, list) and all(check(item) for item in v)
+
+
+_SIZE = _int_in(1, 2**31 - 1)
+_TOKEN_ID = _int_in(0, 2**31 - 1)
+_STRING = lambda v: isinstance(v, str) and len(v) <= 200  # noqa: E731
+# The keys of a Qwen2 config.json (transformers 4.x and 5) and what each may hold: the
+# converted repo's text_config is built from these alone. Any other key (`auto_map`,
+# which would make `trust_remote_code` load someone's code, `quantization_config`, ...)
+# is dropped.
+QWEN2_CONFIG_KEYS = {
+    "architectures": _list_of(_STRING),
+    "attention_dropout": _number_in(0, 1),
+    "bos_token_id": _optional(_TOKEN_ID),
+    "eos_token_id": lambda v: _optional(_TOKEN_ID)(v) or _list_of(_TOKEN_ID)(v),
+    "pad_token_id": _optional(_TOKEN_ID),
+    "hidden_act": _STRING,
+    "hidden_size": _SIZE,
+    "initializer_range": _number_in(0, 1),
+    "intermediate_size": _SIZE,
+    "max_position_embeddings": _SIZE,
+    "max_window_layers": _int_in(0, 2**31 - 1),
+    "model_type": _STRING,
+    "num_attention_heads": _SIZE,
+    "num_hidden_layers": _SIZE,
+    "num_key_value_heads": _SIZE,
+    "rms_norm_eps": _number_in(1e-30, 1),
+    "rope_theta": _number_in(1e-30, 1e30),
+    "rope_scaling": _optional(lambda v: isinstance(v, dict)),
+    "rope_parameters": _optional(lambda v: isinstance(v, dict)),
+    "sliding_window": _optional(_int_in(0, 2**31 - 1)),
+    "layer_types": _list_of(_STRING),
+    "tie_word_embeddings": lambda v: isinstance(v, bool),
+    "use_cache": lambda v: isinstance(v, bool),
+    "use_sliding_window": lambda v: isinstance(v, bool),
+    "torch_dtype": _optional(_STRING),
+    "dtype": _optional(_STRING),
+    "transformers_version": _STRING,
+    "vocab_size": _SIZE,
+}
 _RELEASE_FIX = "SRC must be a FireRedASR-LLM release folder (model.pth.tar, asr_encoder.pth.tar, cmvn.ark)"
 _DOWNLOAD_AGAIN = "download the release again"
 
@@ -120,7 +184,7 @@ def discover_release(src: Path, llm_dir: Path | None = None, lora_alpha: float |
         projector_tensors=projector_tensors,
         encoder_config=encoder_config,
         encoder_downsample_rate=downsample_rate,
-        max_audio_seconds=float(getattr(model_args, "input_length_max", 30.0)),
+        max_audio_seconds=_max_audio_seconds(model_args, model_checkpoint.path),
         cmvn_stats=_cmvn_stats(model_dir / CMVN_FILE, encoder_config.idim),
         lora=lora,
     )
@@ -169,12 +233,24 @@ def _required_arg(args: argparse.Namespace, name: str, path: Path):
     return value
 
 
+def _max_audio_seconds(args: argparse.Namespace, path: Path) -> float:
+    """The clip limit the model was trained with (`input_length_max`; the original's default 30 s)."""
+    try:
+        return spec.check_max_audio_seconds(getattr(args, "input_length_max", spec.MAX_CLIP_SECONDS))
+    except ValueError as error:
+        raise ConversionError(f"input_length_max in the args of {path}: {error}; {_DOWNLOAD_AGAIN}") from None
+
+
 def _state_dict_of(checkpoint: Checkpoint, required: bool) -> dict[str, torch.Tensor]:
     state = checkpoint.package.get("model_state_dict")
     if state is None and not required:
         return {}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{checkpoint.path} has no model_state_dict of tensors: {_DOWNLOAD_AGAIN}")
+    for name, tensor in state.items():
+        problem = tensor_problem(name, tuple(tensor.shape))
+        if problem is not None:
+            raise ConversionError(f"{checkpoint.path}: {problem}: {_DOWNLOAD_AGAIN}")
     return state
 
 
@@ -189,18 +265,11 @@ def _refuse_unknown_keys(checkpoint: Checkpoint, state: dict[str, torch.Tensor])
 
 def _read_llm_folder(path: Path) -> Qwen2Folder:
     fix = f"{path} must be a Qwen2-7B-Instruct folder (config.json, safetensors weights, tokenizer files)"
-    check_readable(path / "config.json", fix)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except ValueError as error:
-        raise ConversionError(f"{path / 'config.json'} is not valid JSON ({error}): {fix}") from None
-    if not isinstance(config, dict) or config.get("model_type") != "qwen2":
-        found = config.get("model_type") if isinstance(config, dict) else None
-        raise ConversionError(f"{path / 'config.json'} has model_type {found!r}, expected 'qwen2': {fix}")
-    for field in ("hidden_size", "num_hidden_layers", "vocab_size"):
-        if not isinstance(config.get(field), int):
-            raise ConversionError(f"{path / 'config.json'} lacks {field}: {fix}")
+    config = _qwen2_config(path / "config.json", fix)
     weights = SafetensorsFolder(path, fix)
+    unknown = [name for name in weights.tensors if not _QWEN2_TENSOR.match(name)]
+    if unknown:
+        raise ConversionError(f"{path} holds {unknown[0]}, which is not a Qwen2 tensor (model.*, lm_head.*): {fix}")
     embedding = weights.tensors.get("model.embed_tokens.weight")
     expected = (config["vocab_size"], config["hidden_size"])
     if embedding is None or embedding.shape != expected:
@@ -216,6 +285,25 @@ def _read_llm_folder(path: Path) -> Qwen2Folder:
         )
     tokenizer = inspect_tokenizer(path, embedding_rows=config["vocab_size"])
     return Qwen2Folder(path=path, config=config, weights=weights, tokenizer=tokenizer)
+
+
+def _qwen2_config(path: Path, fix: str) -> dict:
+    """config.json reduced to `QWEN2_CONFIG_KEYS`, each value checked; the sizes the converter uses required."""
+    check_readable(path, fix)
+    try:
+        stored = load_json(path)
+    except UnsafeInput as error:
+        raise ConversionError(f"{path} cannot be used: {error}; {fix}") from None
+    if stored.get("model_type") != "qwen2":
+        raise ConversionError(f"{path} has model_type {str(stored.get('model_type'))[:40]!r}, expected 'qwen2': {fix}")
+    for field in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        if field not in stored:
+            raise ConversionError(f"{path} lacks {field}: {fix}")
+    config = {key: value for key, value in stored.items() if key in QWEN2_CONFIG_KEYS}
+    for key, value in config.items():
+        if not QWEN2_CONFIG_KEYS[key](value):
+            raise ConversionError(f"{path} gives {key} as {str(value)[:40]!r}, which a Qwen2 config cannot hold: {fix}")
+    return config
 
 
 def _pick_encoder(

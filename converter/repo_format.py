@@ -12,6 +12,9 @@ import torch
 # Weights: Hugging Face's sharded safetensors layout (the release's Qwen2 folder uses it too).
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
+# Every name SHARD_NAME gives, as an fnmatch pattern: no `*`, so it never matches a
+# path in a subfolder (fnmatch's `*` crosses `/`).
+SHARD_NAME_GLOB = SHARD_NAME.replace("{index:05d}", "[0-9]" * 5).replace("{count:05d}", "[0-9]" * 5)
 
 # Tensor names: the speech encoder and adapter keep the release's names (`encoder.*`,
 # `encoder_projector.*`); Qwen2's tensors, LoRA merged, go under `language_model.`.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import json
 import math
 import mmap
 import os
@@ -28,6 +27,7 @@ import torch
 
 from .errors import ConversionError
 from .repo_format import INDEX_NAME
+from .safe_io import UnsafeInput, load_json, parse_json
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -192,6 +192,26 @@ def _read_kaldi_text_matrix(path: Path, data: bytes) -> np.ndarray:
     return np.array(rows, dtype=np.float64)
 
 
+# --- tensor names and shapes ------------------------------------------------------------
+
+# Dotted names of letters, digits and underscores, as PyTorch modules name their tensors.
+_TENSOR_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+_MAX_TENSOR_NAME = 300
+
+
+def tensor_problem(name: object, shape: tuple[int, ...]) -> str | None:
+    """What makes a tensor unusable by its name or shape alone; None if nothing.
+
+    An empty dimension holds no data yet can declare 10**15 rows, which a
+    row-by-row copy would loop over; no FireRedASR or Qwen2 tensor has one.
+    """
+    if not isinstance(name, str) or len(name) > _MAX_TENSOR_NAME or not _TENSOR_NAME.match(name):
+        return f"the tensor name {str(name)[:60]!r} is not a dotted module path"
+    if any(dim <= 0 for dim in shape):
+        return f"tensor {name} has shape {list(shape)}, with an empty dimension"
+    return None
+
+
 # --- safetensors folders ----------------------------------------------------------------
 
 # A safetensors header larger than this is damage, not a model.
@@ -222,9 +242,11 @@ def read_safetensors_header(path: Path, fix: str) -> list[tuple[str, StoredTenso
         if not 0 < header_size <= min(size - 8, _MAX_HEADER_BYTES):
             raise ConversionError(f"{damaged} (no valid header): download it again")
         try:
-            header = json.loads(f.read(header_size))
-        except ValueError as error:
-            raise ConversionError(f"{damaged} (header: {_short(error)}): download it again") from None
+            header = parse_json(f.read(header_size))
+        except UnsafeInput as error:
+            raise ConversionError(f"{damaged} (header: {error}): download it again") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{damaged} (its header is not a JSON object): download it again")
     entries = []
     data_start = 8 + header_size
     for name, info in header.items():
@@ -235,7 +257,12 @@ def read_safetensors_header(path: Path, fix: str) -> list[tuple[str, StoredTenso
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise ConversionError(f"{path} stores {name} in a form this converter does not read: {fix}") from None
+            raise ConversionError(
+                f"{path} stores {name[:60]!r} in a form this converter does not read: {fix}"
+            ) from None
+        problem = tensor_problem(name, shape)
+        if problem is not None:
+            raise ConversionError(f"{path}: {problem}: {fix}")
         if end - begin != math.prod(shape) * dtype.itemsize or begin < 0 or data_start + end > size:
             raise ConversionError(f"{damaged} ({name} lies outside the file): download it again")
         entries.append((name, StoredTensor(path, dtype, shape, data_start + begin)))
@@ -268,10 +295,16 @@ class SafetensorsFolder:
         if index_path.exists():
             check_readable(index_path, fix)
             try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as error:
+                weight_map = load_json(index_path)["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("weight_map is not an object of file names")
+            except (UnsafeInput, KeyError, TypeError) as error:
                 raise ConversionError(f"{index_path} is not a safetensors index ({_short(error)}): {fix}") from None
-            files = [self.folder / name for name in dict.fromkeys(weight_map.values())]
+            names = dict.fromkeys(weight_map.values())
+            outside = [name for name in names if Path(name).name != name or name.startswith(".")]
+            if outside:
+                raise ConversionError(f"{index_path} names {outside[0][:60]!r}, not a file of {self.folder}: {fix}")
+            files = [self.folder / name for name in names]
         elif (self.folder / "model.safetensors").exists():
             files = [self.folder / "model.safetensors"]
         else:

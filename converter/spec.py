@@ -123,6 +123,28 @@ def min_samples_for_one_embedding(downsample_rate: int = 2) -> int:
     return FRAME_LENGTH_SAMPLES + (frames - 1) * FRAME_SHIFT_SAMPLES
 
 
+# The longest clip the model takes whole: the original's training limit (`input_length_max`
+# of both releases). `fireredasr-transcribe` segments anything longer, and its documented
+# memory bound assumes segments of at most this; a config may lower it, never raise it.
+MAX_CLIP_SECONDS = 30.0
+
+
+def check_max_audio_seconds(value: object) -> float:
+    """`value` as the clip limit in seconds, or ValueError naming why it cannot be one.
+
+    Releases and repos are data from elsewhere: NaN, text or 1e7 must not travel
+    on into a feature extractor or the memory bound.
+    """
+    shortest = min_samples_for_one_embedding() / SAMPLE_RATE
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"the clip limit {str(value)[:40]!r} is not a number of seconds")
+    if not (math.isfinite(value) and shortest < value <= MAX_CLIP_SECONDS):
+        raise ValueError(
+            f"the clip limit {value!r} s is outside ({shortest:g}, {MAX_CLIP_SECONDS:g}] s"
+        )
+    return float(value)
+
+
 def max_fbank_frames(max_audio_seconds: float) -> int:
     return fbank_frame_count(int(round(max_audio_seconds * SAMPLE_RATE)))
 
@@ -136,6 +158,8 @@ def cmvn_from_stats(stats: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     stats = np.asarray(stats, dtype=np.float64)
     if stats.ndim != 2 or stats.shape[0] != 2 or stats.shape[1] < 2:
         raise ValueError(f"CMVN statistics must be a 2 x (dim+1) matrix, got shape {stats.shape}")
+    if not np.isfinite(stats).all():
+        raise ValueError("CMVN statistics hold NaN or infinite values")
     count = float(stats[0, -1])
     if not math.isfinite(count) or count < 1:
         raise ValueError(f"CMVN frame count must be >= 1, got {count}")

@@ -25,7 +25,9 @@ import torch
 
 from .errors import ConversionError
 from .plan import PlannedShard
+from .provenance import PROVENANCE_KEY, made_by_converter
 from .repo_format import INDEX_NAME, SAFETENSORS_DTYPE_NAMES
+from .safe_io import current_umask, missing_folders, remove_created_folders, write_atomically
 
 
 # Blocks waiting for the write thread. A block's memory is reused once this many
@@ -152,7 +154,7 @@ class ShardWriter:
 def write_index(folder: Path, total_size: int, weight_map: dict[str, str]) -> None:
     """The sharded checkpoint's index: bytes of tensor data and each tensor's shard, by tensor name."""
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    write_atomically(folder / INDEX_NAME, json.dumps(index, indent=2) + "\n")
 
 
 def _is_disk_full(error: OSError) -> bool:
@@ -177,39 +179,53 @@ def check_output_location(out: Path, inputs: Iterable[Path], overwrite: bool) ->
     if out.exists():
         if not out.is_dir():
             raise ConversionError(f"{out} exists and is not a folder: remove it or choose another output folder")
-        if any(out.iterdir()) and not overwrite:
-            raise ConversionError(
-                f"{out} is not empty: pass --overwrite to replace it, or choose another output folder"
-            )
+        if any(out.iterdir()):
+            if not overwrite:
+                raise ConversionError(
+                    f"{out} is not empty: pass --overwrite to replace it, or choose another output folder"
+                )
+            _check_replaceable(out)
     return resolved
+
+
+def _check_replaceable(out: Path) -> None:
+    """--overwrite replaces only a repo this converter made, never a folder of something else."""
+    if not made_by_converter(out):
+        raise ConversionError(
+            f"{out} is not empty and is not a repo made by fireredasr-convert (its config.json has no "
+            f"{PROVENANCE_KEY} record), so --overwrite leaves it alone: empty or remove it yourself, "
+            "or choose another output folder"
+        )
 
 
 class StagedOutput:
     """Builds the output in a hidden sibling folder and puts it in place only when complete.
 
-    On any exception, KeyboardInterrupt included, the staging folder (and any
-    parent folders created for it) is removed and OUT is left as it was. With
-    `overwrite`, the old OUT is moved aside, the new one renamed in, and the old
-    one deleted; if the swap fails the old one is moved back.
+    On any exception, KeyboardInterrupt included, the staging folder is removed,
+    and so are the parent folders created for it while they are empty (another
+    job may have written into them meanwhile); OUT is left as it was. With
+    `overwrite`, an old OUT that is a repo this converter made is moved aside,
+    the new one renamed in, and the old one deleted; if the swap fails the old
+    one is moved back.
     """
 
     def __init__(self, out: Path, overwrite: bool):
         self.out = out
         self.overwrite = overwrite
         self.path: Path | None = None
-        self._created_parent: Path | None = None
+        self._created_parents: list[Path] = []
         self._committed = False
 
     def __enter__(self) -> StagedOutput:
-        missing = [p for p in (self.out.parent, *self.out.parent.parents) if not p.exists()]
+        missing = missing_folders(self.out.parent)
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            self._created_parent = missing[-1] if missing else None
+            self._created_parents = missing
             self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
             # mkdtemp makes the folder private (0700); OUT gets the usual permissions.
-            os.chmod(self.path, 0o777 & ~_current_umask())
+            os.chmod(self.path, 0o777 & ~current_umask())
         except OSError as error:
-            self._remove_created_parent()
+            remove_created_folders(self._created_parents)
             raise output_error(error, self.out.parent) from None
         return self
 
@@ -219,6 +235,8 @@ class StagedOutput:
             if self.out.exists() and any(self.out.iterdir()):
                 if not self.overwrite:
                     raise ConversionError(f"{self.out} became non-empty during the conversion: nothing was replaced")
+                # Checked again: the folder may have changed during the conversion.
+                _check_replaceable(self.out)
                 self._swap()
             else:
                 # rename() replaces an empty folder atomically.
@@ -239,18 +257,9 @@ class StagedOutput:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self._committed and self.path is not None:
+            # The staging folder is this run's own (a unique mkdtemp name).
             shutil.rmtree(self.path, ignore_errors=True)
-            self._remove_created_parent()
-
-    def _remove_created_parent(self) -> None:
-        if self._created_parent is not None:
-            shutil.rmtree(self._created_parent, ignore_errors=True)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+            remove_created_folders(self._created_parents)
 
 
 def output_error(error: OSError, where: Path) -> ConversionError:

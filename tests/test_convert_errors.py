@@ -37,11 +37,16 @@ def release(pristine, tmp_path):
 
 
 @pytest.fixture
+# What marks a folder as a repo of an earlier conversion: --overwrite may replace only such a folder.
+EARLIER_CONFIG = json.dumps({"fireredasr_conversion": {"converter": "fireredasr-convert"}})
+
+
 def out(tmp_path):
-    """An existing output folder with content that must survive every failure."""
+    """An earlier conversion's output folder, with content that must survive every failure."""
     folder = tmp_path / "out"
     folder.mkdir()
     (folder / "keep.txt").write_text("previous content")
+    (folder / "config.json").write_text(EARLIER_CONFIG)
     return folder
 
 
@@ -241,6 +246,9 @@ def test_output_equal_to_or_inside_source(release):
     assert snapshot(qwen2) == before
     assert not (release / "converted").exists()
 
+        convert(release, qwen2 / "converted")
+    # And --overwrite never replaces it: it is not a converted repo.
+    with pytest.raises(ConversionError, match="not a repo made by fireredasr-convert"):
 
 def test_non_empty_output_needs_overwrite(release, out):
     before = snapshot(out)
@@ -320,7 +328,7 @@ def test_cli_errors_are_one_line_on_stderr(release, out):
     assert result.exit_code == 1
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and "cmvn.ark" in result.stderr
-    assert snapshot(out) == {pathlib.Path("keep.txt"): b"previous content"}
+    assert snapshot(out) == {pathlib.Path("keep.txt"): b"previous content", pathlib.Path("config.json"): EARLIER_CONFIG.encode()}
 
 
 def test_cli_usage_errors_stay_clicks(release, out):

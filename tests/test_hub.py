@@ -103,7 +103,7 @@ def upload_kwargs(folder: Path, **overrides) -> dict:
         create_pr=False,
         commit_message=f"Upload FireRedASR-LLM converted by fireredasr-convert {__version__} (fp32, 1 shard(s))",
         allow_patterns=EXPECTED_FILES,
-        delete_patterns=["*.safetensors"],
+        delete_patterns=["model-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors"],
     )
     return {**kwargs, **overrides}
 

@@ -187,7 +187,7 @@ def test_resume_finishes_an_interrupted_jsonl_and_subtitle_folder(reference_outp
     folder = tmp_path / "srt"
     folder.mkdir()
     (folder / "long.srt").write_bytes((full_folder / "long.srt").read_bytes())
-    (folder / ".short.srt.partial").write_text("1\n00:00:00,000 --> 00:00:01")  # killed while writing
+    (folder / ".short.srt.q3x7k2m9.partial").write_text("1\n00:00:00,000 --> 00:00:01")  # killed while writing
     result = run(demo_fp32, scp, folder, "--format", "srt", "--resume")
     assert result.exit_code == EXIT_PARTIAL, result.output
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == {p.name: p.read_bytes() for p in full_folder.iterdir()}

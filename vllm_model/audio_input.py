@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import struct
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,15 @@ from fireredasr_converter import spec
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 # Source frames read at once by `read_blocks`.
 BLOCK_SECONDS = 10.0
+# An utterance id names its subtitle file (`<uttid>.srt`) and that file's temporary
+# name: within the 255 bytes most filesystems allow a name, with room for both.
+MAX_UTTID_BYTES = 200
+# Unicode categories no id may hold: control and format characters (NUL, ESC, a BOM,
+# bidi overrides), unpaired surrogates (undecodable file-name bytes), unassigned and
+# private-use code points, line and paragraph separators.
+_FORBIDDEN_ID_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
+# Kaldi separates fields with ASCII blanks only.
+_SCP_FIELDS = re.compile(r"[ \t]+")
 
 
 class InputError(ValueError):
@@ -51,12 +62,14 @@ def read_wav_scp(path: Path) -> list[Utterance]:
     """Kaldi `wav.scp`: `uttid path` per line; relative paths are relative to the working directory."""
     utterances = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: an editor's byte-order mark at the start is not part of the first id.
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"cannot read --wav-scp {path}: {error}") from None
-    for line_number, line in enumerate(lines, 1):
-        fields = line.strip().split(maxsplit=1)
-        if not fields:
+    # Lines end at "\n" only: splitlines() would also cut at U+2028, U+0085 and other separators.
+    for line_number, line in enumerate(text.split("\n"), 1):
+        fields = _SCP_FIELDS.split(line.strip(" \t\r"), maxsplit=1)
+        if fields == [""]:
             continue
         if len(fields) == 1:
             raise InputError(f"{path}:{line_number}: {fields[0]!r} has no audio path; write `uttid path` per line")
@@ -82,6 +95,12 @@ def collect_utterances(
 
     first_path: dict[str, str] = {}
     for utterance in utterances:
+        problem = uttid_problem(utterance.uttid)
+        if problem is not None:
+            raise InputError(
+                f"utterance id {_shown(utterance.uttid)} (from {_shown(utterance.path)}) {problem}; "
+                "rename the file or give it a plain id in a wav.scp"
+            )
         if any(c.isspace() for c in utterance.uttid):
             raise InputError(
                 f"utterance id {utterance.uttid!r} (from {utterance.path}) contains whitespace, which a Kaldi "
@@ -101,6 +120,23 @@ def collect_utterances(
     return utterances
 
 
+def _shown(text: str) -> str:
+    """`text` for a one-line message: escaped (no control characters), at most about 60 characters."""
+    shown = ascii(text[:60])
+    return shown if len(text) <= 60 else shown[:-1] + "..." + shown[-1]
+
+
+def uttid_problem(uttid: str) -> str | None:
+    """Why `uttid` cannot name a transcript line or a subtitle file; None if it can."""
+    forbidden = next((c for c in uttid if unicodedata.category(c) in _FORBIDDEN_ID_CATEGORIES), None)
+    if forbidden is not None:
+        return f"contains the character U+{ord(forbidden):04X}, which an output file cannot hold"
+    size = len(uttid.encode("utf-8"))
+    if size > MAX_UTTID_BYTES:
+        return f"is {size} bytes long; ids of at most {MAX_UTTID_BYTES} bytes can name a subtitle file"
+    return None
+
+
 # --- samples ------------------------------------------------------------------
 
 
@@ -109,8 +145,12 @@ def _open(path: str):
 
     if path.rstrip().endswith("|"):
         raise AudioError("Kaldi command pipes are not supported; write the audio to a file and list that file")
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        raise AudioError(f"{path} is a folder, not an audio file; give the files in it (or the folder as --wav-dir)")
+    if not os.path.exists(path):
         raise AudioError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise AudioError(f"{path} is not a regular file; give an audio file")
     try:
         return soundfile.SoundFile(path)
     except (soundfile.SoundFileError, OSError) as error:
@@ -201,6 +241,13 @@ def read_blocks(path: str, block_seconds: float = BLOCK_SECONDS) -> Iterator[np.
                 read += len(block)
                 # [frames, channels] -> mono, as vLLM's audio parser downmixes.
                 mono = block.mean(axis=1) if block.shape[1] > 1 else block[:, 0]
+                # Checked on every block, not only on clips the model takes whole: a long
+                # file of NaN would otherwise pass the voice detector as silence.
+                if not np.isfinite(mono).all():
+                    raise AudioError(
+                        f"{path} holds NaN or infinite samples (from {(read - len(block)) / file.samplerate:.2f} s "
+                        "on); repair or re-export the file"
+                    )
                 out = resample(mono) if resample else mono
                 if len(out):
                     yield np.ascontiguousarray(out, dtype=np.float32)

@@ -38,7 +38,9 @@ from pathlib import Path
 
 import click
 
+from fireredasr_converter.errors import first_line
 from fireredasr_converter.repo_format import DTYPE_NAMES
+from fireredasr_converter.safe_io import StagedFile, sigterm_as_interrupt
 
 from .audio_input import InputError, Utterance, collect_utterances, duration_seconds
 from .decoding import GREEDY, ORIGINAL_RECIPE, Decoding
@@ -50,7 +52,14 @@ from .offline import (
 )
 from .recordings import QUEUED_SEGMENTS, SEGMENT_MODES, Assembler, Finished, in_background, segment_events
 from .segmenter import PLANNING_SECONDS, SegmenterSettings
-from .transcript_formats import FORMATS, SUBTITLE_FORMATS, LineOutput, RecordingTranscript, SubtitleFolder
+from .transcript_formats import (
+    FORMATS,
+    SUBTITLE_FORMATS,
+    LineOutput,
+    RecordingTranscript,
+    SubtitleFolder,
+    foreign_content,
+)
 
 EXIT_COMPLETE = 0
 EXIT_NOTHING = 1
@@ -59,12 +68,22 @@ EXIT_PARTIAL = 3
 
 
 class OrderedWriter:
-    """Writes recordings in input order as soon as every earlier one is settled."""
+    """Writes recordings in input order as soon as every earlier one is settled.
 
-    def __init__(self, output, indices: Iterable[int]):
+    A recording whose transcript cannot be written (a full disk, a name the
+    filesystem refuses) goes to `on_write_error`; the run goes on with the others.
+    """
+
+    def __init__(
+        self,
+        output,
+        indices: Iterable[int],
+        on_write_error: Callable[[RecordingTranscript, OSError], None] = lambda transcript, error: None,
+    ):
         self.output = output
         self._order = deque(indices)
         self._settled: dict[int, RecordingTranscript | None] = {}
+        self._on_write_error = on_write_error
         self.written = 0
 
     def settle(self, index: int, transcript: RecordingTranscript | None) -> None:
@@ -72,9 +91,14 @@ class OrderedWriter:
         self._settled[index] = transcript
         while self._order and self._order[0] in self._settled:
             transcript = self._settled.pop(self._order.popleft())
-            if transcript is not None:
+            if transcript is None:
+                continue
+            try:
                 self.output.write(transcript)
-                self.written += 1
+            except OSError as error:
+                self._on_write_error(transcript, error)
+                continue
+            self.written += 1
 
 
 # --- progress -----------------------------------------------------------------
@@ -288,10 +312,21 @@ class Job:
 
 
 def _open_output(job: Job, uttids: list[str]):
-    """The output to write to, the recordings it already holds (with --resume) and the stream to close."""
+    """The output to write to, the recordings it already holds (with --resume) and the stream to
+    close: a `StagedFile` when an existing output is replaced (renamed onto it at the end)."""
     format, output = job.format, job.output
     if format in SUBTITLE_FORMATS:
         if output.exists() and not output.is_dir():
+def _refuse_foreign(path: Path, format: str) -> None:
+    """--overwrite replaces only what this tool wrote."""
+    problem = foreign_content(path, format)
+    if problem is not None:
+        raise TranscriptionFailed(
+            f"{path} {problem}, so it is not an output of fireredasr-transcribe and --overwrite leaves it alone; "
+            "move it away yourself or choose another --output"
+        )
+
+
             raise TranscriptionFailed(f"--output {output} is a file; --format {format} writes into a folder")
         output.mkdir(parents=True, exist_ok=True)
         folder = SubtitleFolder(format, output)
@@ -304,6 +339,9 @@ def _open_output(job: Job, uttids: list[str]):
         return LineOutput(format, sys.stdout), set(), None
     if not output.parent.is_dir():
         raise TranscriptionFailed(f"the folder of --output {output} does not exist; create it first")
+        if job.overwrite:
+            for uttid in sorted(present):
+                _refuse_foreign(folder.path(uttid), format)
     if output.is_dir():
         raise TranscriptionFailed(f"--output {output} is a folder; --format {format} writes one file")
     finished: set[str] = set()
@@ -317,6 +355,12 @@ def _open_output(job: Job, uttids: list[str]):
 
 
 def _front_end(model: str):
+        else:
+            # Never emptied first: the old output stays until the new one replaces it at the end.
+            _refuse_foreign(output, format)
+            staged = StagedFile(output)
+            return LineOutput(format, staged.stream), finished, staged
+    # Nothing to lose: written in place, so a killed run leaves what --resume continues.
     """The repo's config and feature extractor: what checks a clip before it reaches an engine."""
     from fireredasr_converter.configuration import FireRedAsrLlmConfig, register_with_transformers
     from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
@@ -324,8 +368,12 @@ def _front_end(model: str):
     try:
         register_with_transformers()
         return FireRedAsrLlmConfig.from_pretrained(model), FireRedAsrFeatureExtractor.from_pretrained(model)
-    except (OSError, ValueError) as error:
-        raise TranscriptionFailed(f"cannot load {model}: {error}; pass a converted repo (`fireredasr-convert SRC OUT`)")
+    except (OSError, ValueError, RecursionError) as error:
+        # A repo's JSON is data from elsewhere: too deeply nested is refused like any other damage.
+        reason = "a JSON file nests too deeply" if isinstance(error, RecursionError) else first_line(error) or type(error).__name__
+        raise TranscriptionFailed(
+            f"cannot load {model}: {reason}; pass a converted repo (`fireredasr-convert SRC OUT`)"
+        ) from None
 
 
 class LocalTranscription:
@@ -364,15 +412,26 @@ def run(utterances: list[Utterance], job: Job) -> int:
         raise TranscriptionFailed("no utterances to transcribe")
     sink, finished, stream = _open_output(job, [u.uttid for u in utterances])
     try:
-        return _transcribe(utterances, job, sink, finished)
+        status = _transcribe(utterances, job, sink, finished)
+    except BaseException:
+        if isinstance(stream, StagedFile):
+            stream.discard()  # the model or the run failed: the old output is kept as it was
+        raise
     finally:
-        if stream is not None:
+        if stream is not None and not isinstance(stream, StagedFile):
             stream.close()
 
 
 def _transcribe(utterances: list[Utterance], job: Job, sink, finished: set[str]) -> int:
     pending = [(i, u) for i, u in enumerate(utterances) if u.uttid not in finished]
     already = len(utterances) - len(pending)
+    if isinstance(stream, StagedFile):
+        if stream.stream.tell() > 0:
+            stream.commit()
+        else:
+            stream.discard()
+            click.echo(f"nothing was transcribed: {job.output} is left as it was", err=True)
+    return status
     if already:
         click.echo(f"resuming: {already} of {len(utterances)} recordings already in {job.output}", err=True)
     if not pending:
@@ -396,7 +455,11 @@ def _transcribe(utterances: list[Utterance], job: Job, sink, finished: set[str])
         transcription = LocalTranscription(job, dtype, settings, validate)
     load_seconds = time.monotonic() - load_start
 
-    writer = OrderedWriter(sink, (i for i, _ in pending))
+    def write_failed(transcript: RecordingTranscript, error: OSError) -> None:
+        where = error.filename or job.output or "the output"
+        progress.message(f"skipped {transcript.uttid}: cannot write its transcript to {where}: {error.strerror or error}")
+
+    writer = OrderedWriter(sink, (i for i, _ in pending), write_failed)
     audio_total = sum(duration_seconds(u.path) or 0.0 for _, u in pending)
     progress = Progress(len(pending), audio_total, enabled=not job.quiet)
     uttids = {i: u.uttid for i, u in pending}
@@ -521,6 +584,16 @@ def main(paths, model, wav_scp, wav_dir, output, format_, resume, overwrite, seg
             model=model, output=output, format=format_, resume=resume, overwrite=overwrite, segment=segment,
             backend=backend, engine=engine,
             decoding=_decoding(recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens),
+    with sigterm_as_interrupt():
+        _main(paths, model, wav_scp, wav_dir, output, format_, resume, overwrite, segment, backend, engine,
+              num_replicas, ray_address, recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens,
+              batch_size, dtype, tensor_parallel_size, seed, quiet)  # fmt: skip
+
+
+def _main(paths, model, wav_scp, wav_dir, output, format_, resume, overwrite, segment, backend, engine, num_replicas,
+          ray_address, recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens, batch_size, dtype,
+          tensor_parallel_size, seed, quiet):
+    """`main` with SIGTERM handled as Ctrl-C: the run stops, reports and keeps what it wrote."""  # fmt: skip
             batch_size=batch_size, dtype=dtype, tensor_parallel_size=tensor_parallel_size, seed=seed,
             num_replicas=num_replicas, ray_address=ray_address, quiet=quiet,
         )  # fmt: skip
@@ -539,3 +612,7 @@ def main(paths, model, wav_scp, wav_dir, output, format_, resume, overwrite, seg
 
 if __name__ == "__main__":
     main()
+    except KeyboardInterrupt:
+        # Before transcription started (while the model loaded): nothing was written or replaced.
+        click.echo("interrupted: nothing was written", err=True)
+        status = 130

@@ -5,18 +5,21 @@ transcript is the segments' texts joined the way the two languages are written:
 no space between two Chinese characters, one space otherwise. `text` and
 `jsonl` are one line per recording in one file (or stdout); `srt` and `vtt` are
 one subtitle file per recording in a folder. Every output knows which
-recordings it already holds, for `--resume`. Does not decide what to transcribe.
+recordings it already holds, for `--resume`, and whether a file is one this
+tool wrote, for `--overwrite` (`foreign_content`). Does not decide what to transcribe.
 """
 
 from __future__ import annotations
 
+import glob
 import json
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
+
+from fireredasr_converter.safe_io import UnsafeInput, parse_json, temporary_prefix, write_atomically
 
 # CJK Unified Ideographs (and extension A), CJK punctuation, full-width forms: written without spaces.
 _CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]")
@@ -110,12 +113,46 @@ FORMATS = (*LINE_FORMATS, *SUBTITLE_FORMATS)
 
 
 def _uttid_of_line(line: str, format: str) -> str | None:
+    """The id a complete output line is for; None for a line no run of this tool writes."""
     if format == "jsonl":
         try:
-            return json.loads(line)["uttid"]
-        except (ValueError, KeyError, TypeError):
+            record = parse_json(line)
+        except UnsafeInput:
             return None
-    return line.split(maxsplit=1)[0] if line.strip() else None
+        uttid = record.get("uttid") if isinstance(record, dict) else None
+        return uttid if isinstance(uttid, str) and isinstance(record.get("text"), str) else None
+    uttid, tab, _ = line.partition("\t")
+    return uttid if tab and uttid and not any(c.isspace() for c in uttid) else None
+
+
+def _complete_lines(data: bytes) -> list[str]:
+    # Lines end at "\n" only: a transcript may hold U+2028 or U+0085, which splitlines() would cut at.
+    return data.decode("utf-8", errors="replace").split("\n")[:-1]
+
+
+def foreign_content(path: Path, format: str) -> str | None:
+    """What shows that `path` is not a `format` output of this tool; None if it may be one.
+
+    `--overwrite` replaces only files this tool could have written: a folder's
+    notes or someone's subtitles under the same name are refused, not lost.
+    """
+    with open(path, "rb") as file:
+        data = file.read()
+    if format in LINE_FORMATS:
+        # An unfinished last line is what a killed run leaves: only complete lines are judged.
+        lines = _complete_lines(data)
+        if data and not lines:
+            return "holds no complete transcript line"
+        for number, line in enumerate(lines, 1):
+            if line and _uttid_of_line(line, format) is None:
+                return f"line {number} is not a {format} transcript line"
+        return None
+    text = data.decode("utf-8", errors="replace")
+    if format == "vtt" and not text.startswith("WEBVTT"):
+        return "does not start with WEBVTT"
+    if format == "srt" and text and not (text.startswith("1\n") and " --> " in text):
+        return "is not a SubRip file"
+    return None
 
 
 class LineOutput:
@@ -138,13 +175,12 @@ class LineOutput:
         if len(complete) != len(data):
             with open(path, "r+b") as file:
                 file.truncate(len(complete))
-        lines = complete.decode("utf-8", errors="replace").splitlines()
-        return {uttid for line in lines if (uttid := _uttid_of_line(line, format)) is not None}
+        return {uttid for line in _complete_lines(complete) if (uttid := _uttid_of_line(line, format)) is not None}
 
 
 class SubtitleFolder:
     """`srt` or `vtt`: one file per recording, `FOLDER/<uttid>.<format>`, each written whole
-    (to a temporary name, then renamed) so a file that exists is complete."""
+    (to a unique temporary name, then renamed) so a file that exists is complete."""
 
     def __init__(self, format: str, folder: Path):
         self.render = SUBTITLE_FORMATS[format]
@@ -155,13 +191,18 @@ class SubtitleFolder:
         return self.folder / f"{uttid}.{self.format}"
 
     def write(self, transcript: RecordingTranscript) -> None:
-        target = self.path(transcript.uttid)
-        temporary = target.with_name(f".{target.name}.partial")
-        temporary.write_text(self.render(transcript), encoding="utf-8")
-        os.replace(temporary, target)
+        write_atomically(self.path(transcript.uttid), self.render(transcript))
 
     def existing(self, uttids: Iterable[str]) -> set[str]:
-        """Which of `uttids` already have their file; leftovers of an interrupted write are removed."""
-        for leftover in self.folder.glob(f".*.{self.format}.partial"):
-            leftover.unlink()
+        """Which of `uttids` already have their file.
+
+        Leftovers of a killed run's writes for these ids (their temporary names,
+        `write_atomically`'s) are removed; no other file is touched.
+        """
+        uttids = list(uttids)
+        for uttid in uttids:
+            pattern = glob.escape(temporary_prefix(self.path(uttid).name)) + "*.partial"
+            for leftover in self.folder.glob(pattern):
+                if leftover.is_symlink() or leftover.is_file():
+                    leftover.unlink()
         return {uttid for uttid in uttids if self.path(uttid).is_file()}
