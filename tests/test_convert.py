@@ -332,6 +332,8 @@ def test_cli_dry_run_prints_the_plan(tiny_release, tmp_path):
 def test_cli_overwrite_replaces_a_previous_repo(tiny_release, tmp_path):
     out = tmp_path / "repo"
     args = [str(tiny_release.model_dir), str(out), "--quiet", "--max-shard-size", "2MB"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    (out / "stale.txt").write_text("old")
     refused = CliRunner().invoke(main, args)
     assert refused.exit_code == 1 and "pass --overwrite" in refused.stderr
     replaced = CliRunner().invoke(main, [*args, "--overwrite"])
@@ -345,8 +347,6 @@ def test_cli_overwrite_replaces_a_previous_repo(tiny_release, tmp_path):
 def test_console_script_in_a_real_process(tiny_release, tmp_path):
     script = Path(sys.executable).parent / "fireredasr-convert"
     out = tmp_path / "repo"
-    assert CliRunner().invoke(main, args).exit_code == 0
-    (out / "stale.txt").write_text("old")
     completed = subprocess.run(
         [str(script), str(tiny_release.model_dir), str(out), "--dtype", "fp32"],
         capture_output=True,

@@ -36,17 +36,17 @@ def release(pristine, tmp_path):
     return root / pristine.model_dir.name
 
 
-@pytest.fixture
 # What marks a folder as a repo of an earlier conversion: --overwrite may replace only such a folder.
 EARLIER_CONFIG = json.dumps({"fireredasr_conversion": {"converter": "fireredasr-convert"}})
 
 
+@pytest.fixture
 def out(tmp_path):
     """An earlier conversion's output folder, with content that must survive every failure."""
     folder = tmp_path / "out"
     folder.mkdir()
-    (folder / "keep.txt").write_text("previous content")
     (folder / "config.json").write_text(EARLIER_CONFIG)
+    (folder / "keep.txt").write_text("previous content")
     return folder
 
 
@@ -242,13 +242,13 @@ def test_output_equal_to_or_inside_source(release):
     qwen2 = release.parent / "Qwen2-7B-Instruct"
     before = snapshot(qwen2)
     with pytest.raises(ConversionError, match="inside the input folder"):
+        convert(release, qwen2 / "converted")
+    # And --overwrite never replaces it: it is not a converted repo.
+    with pytest.raises(ConversionError, match="not a repo made by fireredasr-convert"):
         convert(release, qwen2, overwrite=True)
     assert snapshot(qwen2) == before
     assert not (release / "converted").exists()
 
-        convert(release, qwen2 / "converted")
-    # And --overwrite never replaces it: it is not a converted repo.
-    with pytest.raises(ConversionError, match="not a repo made by fireredasr-convert"):
 
 def test_non_empty_output_needs_overwrite(release, out):
     before = snapshot(out)

@@ -311,12 +311,6 @@ class Job:
             raise JobError("--num-replicas and --ray-address apply to --engine ray only")
 
 
-def _open_output(job: Job, uttids: list[str]):
-    """The output to write to, the recordings it already holds (with --resume) and the stream to
-    close: a `StagedFile` when an existing output is replaced (renamed onto it at the end)."""
-    format, output = job.format, job.output
-    if format in SUBTITLE_FORMATS:
-        if output.exists() and not output.is_dir():
 def _refuse_foreign(path: Path, format: str) -> None:
     """--overwrite replaces only what this tool wrote."""
     problem = foreign_content(path, format)
@@ -327,6 +321,12 @@ def _refuse_foreign(path: Path, format: str) -> None:
         )
 
 
+def _open_output(job: Job, uttids: list[str]):
+    """The output to write to, the recordings it already holds (with --resume) and the stream to
+    close: a `StagedFile` when an existing output is replaced (renamed onto it at the end)."""
+    format, output = job.format, job.output
+    if format in SUBTITLE_FORMATS:
+        if output.exists() and not output.is_dir():
             raise TranscriptionFailed(f"--output {output} is a file; --format {format} writes into a folder")
         output.mkdir(parents=True, exist_ok=True)
         folder = SubtitleFolder(format, output)
@@ -334,14 +334,14 @@ def _refuse_foreign(path: Path, format: str) -> None:
         if present and not (job.resume or job.overwrite):
             raise TranscriptionFailed(f"{output} already holds {len(present)} of these {format} files; pass "
                                       "--resume to keep them or --overwrite to write them again")  # fmt: skip
+        if job.overwrite:
+            for uttid in sorted(present):
+                _refuse_foreign(folder.path(uttid), format)
         return folder, present if job.resume else set(), None
     if output is None:
         return LineOutput(format, sys.stdout), set(), None
     if not output.parent.is_dir():
         raise TranscriptionFailed(f"the folder of --output {output} does not exist; create it first")
-        if job.overwrite:
-            for uttid in sorted(present):
-                _refuse_foreign(folder.path(uttid), format)
     if output.is_dir():
         raise TranscriptionFailed(f"--output {output} is a folder; --format {format} writes one file")
     finished: set[str] = set()
@@ -350,17 +350,17 @@ def _refuse_foreign(path: Path, format: str) -> None:
             finished = LineOutput.finished(output, format)
         elif not job.overwrite:
             raise TranscriptionFailed(f"{output} exists; pass --resume to continue it or --overwrite to start again")
-    stream = open(output, "a" if job.resume else "w", encoding="utf-8")
-    return LineOutput(format, stream), finished, stream
-
-
-def _front_end(model: str):
         else:
             # Never emptied first: the old output stays until the new one replaces it at the end.
             _refuse_foreign(output, format)
             staged = StagedFile(output)
             return LineOutput(format, staged.stream), finished, staged
     # Nothing to lose: written in place, so a killed run leaves what --resume continues.
+    stream = open(output, "a" if job.resume else "w", encoding="utf-8")
+    return LineOutput(format, stream), finished, stream
+
+
+def _front_end(model: str):
     """The repo's config and feature extractor: what checks a clip before it reaches an engine."""
     from fireredasr_converter.configuration import FireRedAsrLlmConfig, register_with_transformers
     from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
@@ -420,11 +420,6 @@ def run(utterances: list[Utterance], job: Job) -> int:
     finally:
         if stream is not None and not isinstance(stream, StagedFile):
             stream.close()
-
-
-def _transcribe(utterances: list[Utterance], job: Job, sink, finished: set[str]) -> int:
-    pending = [(i, u) for i, u in enumerate(utterances) if u.uttid not in finished]
-    already = len(utterances) - len(pending)
     if isinstance(stream, StagedFile):
         if stream.stream.tell() > 0:
             stream.commit()
@@ -432,6 +427,11 @@ def _transcribe(utterances: list[Utterance], job: Job, sink, finished: set[str])
             stream.discard()
             click.echo(f"nothing was transcribed: {job.output} is left as it was", err=True)
     return status
+
+
+def _transcribe(utterances: list[Utterance], job: Job, sink, finished: set[str]) -> int:
+    pending = [(i, u) for i, u in enumerate(utterances) if u.uttid not in finished]
+    already = len(utterances) - len(pending)
     if already:
         click.echo(f"resuming: {already} of {len(utterances)} recordings already in {job.output}", err=True)
     if not pending:
@@ -579,11 +579,6 @@ def main(paths, model, wav_scp, wav_dir, output, format_, resume, overwrite, seg
     """  # fmt: skip
     if wav_scp is None and wav_dir is None and not paths:
         raise click.UsageError("give the audio as --wav-scp FILE, --wav-dir DIR or paths")
-    try:
-        job = Job(
-            model=model, output=output, format=format_, resume=resume, overwrite=overwrite, segment=segment,
-            backend=backend, engine=engine,
-            decoding=_decoding(recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens),
     with sigterm_as_interrupt():
         _main(paths, model, wav_scp, wav_dir, output, format_, resume, overwrite, segment, backend, engine,
               num_replicas, ray_address, recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens,
@@ -594,6 +589,11 @@ def _main(paths, model, wav_scp, wav_dir, output, format_, resume, overwrite, se
           ray_address, recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens, batch_size, dtype,
           tensor_parallel_size, seed, quiet):
     """`main` with SIGTERM handled as Ctrl-C: the run stops, reports and keeps what it wrote."""  # fmt: skip
+    try:
+        job = Job(
+            model=model, output=output, format=format_, resume=resume, overwrite=overwrite, segment=segment,
+            backend=backend, engine=engine,
+            decoding=_decoding(recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens),
             batch_size=batch_size, dtype=dtype, tensor_parallel_size=tensor_parallel_size, seed=seed,
             num_replicas=num_replicas, ray_address=ray_address, quiet=quiet,
         )  # fmt: skip
@@ -607,12 +607,12 @@ def _main(paths, model, wav_scp, wav_dir, output, format_, resume, overwrite, se
     except (InputError, TranscriptionFailed) as error:
         click.echo(f"error: {error}", err=True)
         status = EXIT_NOTHING
+    except KeyboardInterrupt:
+        # Before transcription started (while the model loaded): nothing was written or replaced.
+        click.echo("interrupted: nothing was written", err=True)
+        status = 130
     sys.exit(status)
 
 
 if __name__ == "__main__":
     main()
-    except KeyboardInterrupt:
-        # Before transcription started (while the model loaded): nothing was written or replaced.
-        click.echo("interrupted: nothing was written", err=True)
-        status = 130
