@@ -4,6 +4,12 @@ Stock vLLM serves that export with its built-in FireRedASR2 model and no
 plugin; this module holds the one serve-time compatibility shim for it. It is
 not part of the plugin (nothing here is registered with vLLM) and not part of
 the converter (the export itself needs no shim).
+
+Run as a module it is vLLM's OpenAI-compatible server with the shim applied in
+the server process and in the engine process vLLM spawns (which imports this
+module again as `__mp_main__`); it takes vLLM's server arguments:
+
+    python -m fireredasr_vllm.stock_serving --model ./out-stock --max-model-len 1024 --enforce-eager
 """
 
 from __future__ import annotations
@@ -35,3 +41,18 @@ def enable_stock_processor_without_torchvision() -> None:
         return
     # processing_utils holds its own reference to the transformers module it searches.
     processing_utils.transformers_module.VIDEO_PROCESSOR_MAPPING = _LazyAutoMapping(CONFIG_MAPPING_NAMES, OrderedDict())
+
+
+def serve() -> None:
+    """vLLM's OpenAI-compatible server (what `python -m vllm.entrypoints.openai.api_server` runs), arguments from argv."""
+    from vllm.entrypoints.launchers.api_server.entry import main
+
+    main()
+
+
+# vLLM's CPU platform spawns the engine process, which runs this module's top level
+# again (as __mp_main__) but not serve(): the shim goes here to reach both processes.
+if __name__ in ("__main__", "__mp_main__"):
+    enable_stock_processor_without_torchvision()
+if __name__ == "__main__":
+    serve()

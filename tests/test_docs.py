@@ -1,0 +1,137 @@
+"""Every shell and Python block of README.md and docs/*.md runs as written, or is skipped with its reason.
+
+The convention and the workspace the blocks run in: tests/doc_blocks.py. A page
+whose blocks start vLLM (marker `vllm`, `server`, `client`) is in the `vllm`
+lane, a page whose blocks only run commands in the `slow` lane; `make test-fast`
+keeps the marker check, which needs no process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from doc_blocks import PAGES, REPO, blocks, marker_problems
+
+from fireredasr_vllm import demo
+
+ALL_BLOCKS = [block for page in PAGES for block in blocks(page)]
+SKIPPED = [block for block in ALL_BLOCKS if block.mode == "skip"]
+ENGINE_MODES = {"vllm", "server", "client"}
+# A page's blocks run in one runner process; the longest page (serving.md) starts a handful of engines.
+PAGE_TIMEOUT_S = 1200
+
+
+def test_every_block_is_marked():
+    problems = [problem for block in ALL_BLOCKS for problem in marker_problems(block)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_pages_have_blocks_to_run():
+    # The parser finding nothing would pass every other test here.
+    assert sum(block.mode != "skip" for block in ALL_BLOCKS) >= 10
+
+
+@pytest.mark.parametrize("block", SKIPPED, ids=[block.where for block in SKIPPED])
+def test_skipped_block(block):
+    pytest.skip(f"{block.where}: {block.reason}")
+
+
+def _page_params():
+    params = []
+    for page in PAGES:
+        modes = {block.mode for block in blocks(page)} - {"skip", None}
+        if modes:
+            lane = pytest.mark.vllm if modes & ENGINE_MODES else pytest.mark.slow
+            params.append(pytest.param(page, marks=[lane, pytest.mark.slow], id=str(page.relative_to(REPO))))
+    return params
+
+
+# --- the workspace --------------------------------------------------------------
+
+
+def _heldout(language: str) -> list[tuple[str, Path, str]]:
+    return [clip for clip in demo.heldout_clips() if clip[0].endswith(f"-{language}")]
+
+
+@pytest.fixture(scope="session")
+def doc_inputs(tmp_path_factory) -> Path:
+    """What the docs' commands name, made once: the demo conversion and a few audio files."""
+    from fireredasr_converter.pipeline import convert
+
+    root = tmp_path_factory.mktemp("doc_inputs")
+    convert(demo.RELEASE_DIR, root / "converted", dtype="fp32")
+    english, mandarin = _heldout("en"), _heldout("zh")
+    picked = [english[0], mandarin[0], english[1]]
+    (root / "wav.scp").write_text("".join(f"{uttid} {path}\n" for uttid, path, _ in picked))
+    (root / "ref_text").write_text("".join(f"{uttid}\t{text}\n" for uttid, _, text in picked))
+    audio = {uttid: soundfile.read(path, dtype="float32") for uttid, path, _ in english[:12] + mandarin[:1]}
+    (samples, rate), (zh_samples, _) = audio[english[0][0]], audio[mandarin[0][0]]
+    soundfile.write(root / "clip.wav", samples, rate)
+    soundfile.write(root / "a.wav", samples, rate)
+    soundfile.write(root / "b.flac", zh_samples, rate)
+    (root / "wavs").mkdir()
+    for uttid, _, _ in picked[:2]:
+        soundfile.write(root / "wavs" / f"{uttid}.wav", *audio[uttid])
+    # A recording longer than the model's 30 s: English digit strings with pauses between them.
+    pause = np.zeros(int(0.8 * rate), dtype=np.float32)
+    pieces = []
+    for uttid, _, _ in english[:12]:
+        pieces += [audio[uttid][0], pause]
+        if sum(len(p) for p in pieces) >= 45 * rate:
+            break
+    soundfile.write(root / "meeting.wav", np.concatenate(pieces), rate)
+    return root
+
+
+def _workspace(path: Path, inputs: Path) -> Path:
+    """A checkout after `make demo`, as the docs assume, plus the inputs they name."""
+    path.mkdir()
+    (path / "FireRedASR-LLM-L").symlink_to(demo.RELEASE_DIR)
+    (path / ".venv").symlink_to(Path(sys.prefix))
+    (path / ".demo").mkdir()
+    (path / ".demo" / "converted").symlink_to(inputs / "converted")
+    for name in ("vllm_model", "setup_fireredasr.py", "benchmarks"):
+        (path / name).symlink_to(REPO / name)
+    for name in ("wav.scp", "ref_text", "clip.wav", "meeting.wav", "a.wav", "b.flac", "wavs"):
+        (path / name).symlink_to(inputs / name)
+    return path
+
+
+def _activated_environment() -> dict[str, str]:
+    """The environment after `source .venv/bin/activate`, which README asks for."""
+    env = dict(os.environ)
+    env["VIRTUAL_ENV"] = sys.prefix
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("PYTHONHOME", None)
+    return env
+
+
+@pytest.mark.parametrize("page", _page_params())
+def test_page_blocks_run(page, doc_inputs, tmp_path):
+    workspace = _workspace(tmp_path / "ws", doc_inputs)
+    result_path = tmp_path / "result.json"
+    log_path = tmp_path / "log.txt"
+    runnable = [block for block in blocks(page) if block.mode not in ("skip", None)]
+    with open(log_path, "w") as log:
+        done = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "doc_blocks.py"), str(page.relative_to(REPO)), str(workspace), str(result_path)],
+            cwd=workspace,
+            env=_activated_environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=PAGE_TIMEOUT_S,
+        )
+    log_tail = log_path.read_text(errors="replace")[-8000:]
+    assert done.returncode == 0 and result_path.exists(), f"the block runner failed ({done.returncode}):\n{log_tail}"
+    results = json.loads(result_path.read_text())["results"]
+    failed = [r for r in results if not r["ok"]]
+    assert not failed, f"{failed[0]['page']}:{failed[0]['line']}: {failed[0]['error']}\n--- log ---\n{log_tail}"
+    assert [r["line"] for r in results] == [block.line for block in runnable]
