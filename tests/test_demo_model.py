@@ -24,7 +24,7 @@ from fireredasr_converter import spec
 from fireredasr_converter.pipeline import convert
 from fireredasr_converter.stock_vllm import STOCK_VLLM_TARGET
 from fireredasr_vllm import demo
-from fireredasr_vllm.offline import shutdown_engine, stream_transcriptions
+from fireredasr_vllm.offline import shutdown_engine, stream_transcriptions, transcribe
 from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
 from fireredasr_vllm.scoring import main as score_main
 from fireredasr_vllm.scoring import score
@@ -125,3 +125,30 @@ def test_stock_vllm_export_reaches_the_same_error_rate(repos, heldout, fp32_resu
     stock_texts = {uttid: tokenizer.decode(batched[uttid]["token_ids"], skip_special_tokens=True) for uttid in heldout}
     plugin_rate = error_rate(heldout, {uttid: r.text for uttid, r in fp32_results.items()})
     assert error_rate(heldout, stock_texts) <= max(MAX_ERROR_RATE, plugin_rate)
+
+
+def test_stereo_clips_in_either_axis_order_get_the_mono_transcript(repos, heldout):
+    """The token limit comes from the samples, not `len()`: 2 for a channels-first (2, N) clip
+    (which then stopped after one token)."""
+    clips = [clip for clip, _ in list(heldout.values())[:2]]
+    llm = start_engine(repos["fp32"], "float32")
+    try:
+        mono = transcribe(llm, clips)
+        channels_first = transcribe(llm, [np.stack([clip, clip]) for clip in clips])
+        channels_last = transcribe(llm, [np.stack([clip, clip], axis=1) for clip in clips])
+        with pytest.raises(TypeError, match=r"\(key, waveform\) pairs.*enumerate"):
+            list(stream_transcriptions(llm, clips))
+    finally:
+        shutdown_engine(llm)
+    assert all(len(text.split()) > 1 or len(text) > 1 for text in mono)
+    assert channels_first == mono and channels_last == mono
+
+
+def test_the_server_takes_zh_or_en_and_joins_chunk_texts_with_one_separator():
+    from fireredasr_vllm.model import FireRedAsrLlmForConditionalGeneration as Model
+
+    assert Model.validate_language(None) == "zh" and Model.validate_language("en") == "en"
+    with pytest.raises(ValueError, match=r"language 'fr'.*'zh' or 'en'"):
+        Model.validate_language("fr")
+    # vLLM joins chunk texts with " " for English: a chunk's own edge spaces would double it.
+    assert " ".join(Model.post_process_output(text) for text in ("two one ", " eight")) == "two one eight"

@@ -340,7 +340,7 @@ def batched_beam_search(
     """
     from vllm import RequestOutput
 
-    from .offline import Transcript, clip_token_limit, decode, request_errors, transcription_request
+    from .offline import Transcript, clip_token_limit, decode, num_samples, request_errors, transcription_request
 
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
@@ -416,7 +416,7 @@ def batched_beam_search(
                     break
                 number, (key, waveform) = item
                 try:
-                    limit = clip_token_limit(llm, len(waveform), sampling_rate, max_new_tokens)
+                    limit = clip_token_limit(llm, num_samples(waveform), sampling_rate, max_new_tokens)
                     search = ClipBeamSearch(
                         num_beams=beam_size,
                         max_new_tokens=limit,

@@ -282,7 +282,20 @@ class FireRedAsrLlmForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
         # instruction and most of its training data are Mandarin): Chinese chunks
         # are not split by spaces. English uploads pass language="en" to get a
         # space between chunks. The prompt does not depend on the language.
+        # vLLM's own check only warns for other languages; the model knows these two.
+        if language is not None and language not in cls.supported_languages:
+            raise ValueError(
+                f"language {language!r}: FireRedASR-LLM transcribes Mandarin and English; "
+                "pass language 'zh' or 'en', or leave it out (Mandarin)"
+            )
         return super().validate_language(DEFAULT_LANGUAGE if language is None else language)
+
+    @classmethod
+    def post_process_output(cls, text: str) -> str:
+        # vLLM joins a long upload's chunk texts with " " (or ""); a chunk's own leading
+        # or trailing space (a byte-level BPE tokenizer writes one before a word) would
+        # otherwise double the space at the cut.
+        return text.strip()
 
     @classmethod
     def get_generation_prompt(cls, stt_params: SpeechToTextParams) -> PromptType:

@@ -209,6 +209,17 @@ def _check_penalty_processor(llm) -> None:
         )
 
 
+def num_samples(waveform: np.ndarray) -> int:
+    """Samples per channel, read from the array's shape as vLLM's audio parser reads it.
+
+    A 2-D clip is `(channels, samples)` or `(samples, channels)`; vLLM takes the
+    longer axis as time (`vllm.multimodal.audio.normalize_audio`), so this does too:
+    `len()` of a channels-first stereo clip is 2.
+    """
+    shape = np.shape(waveform)
+    return max(shape[:2]) if len(shape) == 2 else shape[0]
+
+
 def clip_token_limit(llm, num_samples: int, sampling_rate: int, max_new_tokens: int | None) -> int:
     """New tokens a clip may generate: `max_new_tokens`, or the original's N when None."""
     if max_new_tokens is not None:
@@ -220,6 +231,18 @@ def clip_token_limit(llm, num_samples: int, sampling_rate: int, max_new_tokens: 
 def decode(llm, token_ids: Sequence[int]) -> str:
     """Text of generated ids, decoded as the reference does (special tokens dropped)."""
     return llm.get_tokenizer().decode(list(token_ids), skip_special_tokens=True)
+
+
+def _key_and_waveform(pair) -> tuple:
+    # A bare array would otherwise be unpacked along its first axis: a 1-D clip fails
+    # with "too many values to unpack", and a stereo (2, N) clip would turn into a key
+    # and a mono waveform.
+    if isinstance(pair, np.ndarray) or not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(
+            f"stream_transcriptions takes (key, waveform) pairs, got {type(pair).__name__}: "
+            "pass enumerate(waveforms) or zip(keys, waveforms)"
+        )
+    return pair
 
 
 def stream_transcriptions(
@@ -235,6 +258,9 @@ def stream_transcriptions(
 ) -> Iterator[tuple[Key, Transcript | Exception]]:
     """Greedy transcripts in the order they finish, while the engine stays busy.
 
+    `clips` yields `(key, waveform)` pairs (not bare arrays; `enumerate(waveforms)`
+    will do) and each result comes back as `(key, Transcript or exception)`, in the
+    order the clips finish, not the order given: the key says which clip it is.
     Clips are pulled from `clips` lazily: up to `max_in_flight` requests are kept in
     the engine, and a new one is added whenever one finishes, so vLLM batches
     continuously and the caller can write each result at once. A clip the engine
@@ -262,8 +288,9 @@ def stream_transcriptions(
                 if item is None:
                     exhausted = True
                     break
-                number, (key, waveform) = item
-                limit = clip_token_limit(llm, len(waveform), sampling_rate, max_new_tokens)
+                number, pair = item
+                key, waveform = _key_and_waveform(pair)
+                limit = clip_token_limit(llm, num_samples(waveform), sampling_rate, max_new_tokens)
                 request_id = f"{id_prefix}{number}"
                 try:
                     # Rendered as `LLM.generate` renders it; the engine then takes our request id.
