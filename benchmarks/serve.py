@@ -190,7 +190,8 @@ def run_plugin_recipe(repo: Path, clips: list[np.ndarray], output_tokens: int | 
         return ids
 
     start = time.perf_counter()
-    llm = create_engine(repo, dtype=dtype, seed=0, enable_prefix_caching=True, **engine_kwargs)
+    llm = create_engine(repo, penalty_processor=decoding.needs_penalty_processor, dtype=dtype, seed=0,
+                        enable_prefix_caching=True, **engine_kwargs)  # fmt: skip
     load_seconds = time.perf_counter() - start
     try:
         outputs, wall, latencies = timed_passes(decode_all, clips, latency_clips)

@@ -30,21 +30,20 @@ import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
-from vllm.v1.sample.logits_processor import BatchUpdateBuilder, MoveDirectionality
-from vllm.v1.sample.logits_processor import validate_logits_processors_parameters as v1_validate
 from vllm.v1.worker.gpu.sample.logits_processor import (
     LogitsContext,
     LogitsProcRequestState,
     build_custom_logits_processors_params_validator,
 )
+from vllm.v1.worker.gpu.sample.logits_processor.loader import _load_v2_logitsprocs_by_fqcns as v2_load
 
 from fireredasr_vllm import repetition_penalty as rp
 from fireredasr_vllm.repetition_penalty import (
     BEAM_ARG,
+    HAS_V1_RUNNER,
     PRIOR_TOKENS_ARG,
     REQUEST_ARG,
     HFRepetitionPenalty,
-    HFRepetitionPenaltyV1,
     HFRepetitionPenaltyV2,
     apply_hf_repetition_penalty,
     beam_stops_from_params,
@@ -52,6 +51,19 @@ from fireredasr_vllm.repetition_penalty import (
     prior_tokens_from_params,
     processor_class,
 )
+
+if HAS_V1_RUNNER:
+    # vLLM 0.32 and 0.33 only: 0.34 deleted Model Runner V1 and these modules with it.
+    from vllm.v1.sample.logits_processor import BatchUpdateBuilder, MoveDirectionality
+    from vllm.v1.sample.logits_processor import _load_logitsprocs_by_fqcns as v1_load
+    from vllm.v1.sample.logits_processor import validate_logits_processors_parameters as v1_validate
+
+    from fireredasr_vllm.repetition_penalty import HFRepetitionPenaltyV1
+
+needs_v1_runner = pytest.mark.skipif(not HAS_V1_RUNNER, reason="this vLLM has no V1 model runner (removed in 0.34)")
+# The classes a runner of this vLLM can load (V1's only where V1 exists).
+ALL_CLASSES = (HFRepetitionPenaltyV1, HFRepetitionPenaltyV2, HFRepetitionPenalty) if HAS_V1_RUNNER else (
+    HFRepetitionPenaltyV2, HFRepetitionPenalty)  # fmt: skip
 
 VOCAB = 40
 CPU = torch.device("cpu")
@@ -195,8 +207,10 @@ def v1_processor(kind):
     return kind(None, CPU, False)
 
 
-@pytest.mark.parametrize("kind", [HFRepetitionPenaltyV1, HFRepetitionPenalty])
+@needs_v1_runner
+@pytest.mark.parametrize("kind", ["HFRepetitionPenaltyV1", "HFRepetitionPenalty"])
 def test_v1_batch_bookkeeping(kind):
+    kind = getattr(rp, kind)
     gen = torch.Generator().manual_seed(2)
     rng = random.Random(3)
     batch = V1Batch(v1_processor(kind))
@@ -257,6 +271,7 @@ def test_v1_batch_bookkeeping(kind):
     assert_bitwise_equal(logits, before)
 
 
+@needs_v1_runner
 def test_v1_requests_without_argument_cost_nothing():
     processor = HFRepetitionPenaltyV1(None, CPU, False)
     builder = BatchUpdateBuilder()
@@ -452,7 +467,7 @@ def test_bad_values_are_refused(value):
     with pytest.raises(ValueError, match=rf"{REQUEST_ARG} must be a finite number greater than 0") as err:
         penalty_from_params(sampling_params)
     assert repr(value) in str(err.value) and "extra_args" in str(err.value)
-    for kind in (HFRepetitionPenaltyV1, HFRepetitionPenaltyV2, HFRepetitionPenalty):
+    for kind in ALL_CLASSES:
         with pytest.raises(ValueError, match=REQUEST_ARG):
             kind.validate_params(sampling_params)
 
@@ -463,7 +478,7 @@ def test_bad_prior_tokens_are_refused(value):
     with pytest.raises(ValueError, match=rf"{PRIOR_TOKENS_ARG} must be a list of token ids") as err:
         prior_tokens_from_params(sampling_params)
     assert repr(value) in str(err.value)
-    for kind in (HFRepetitionPenaltyV1, HFRepetitionPenaltyV2, HFRepetitionPenalty):
+    for kind in ALL_CLASSES:
         with pytest.raises(ValueError, match=PRIOR_TOKENS_ARG):
             kind.validate_params(sampling_params)
 
@@ -471,7 +486,7 @@ def test_bad_prior_tokens_are_refused(value):
 @pytest.mark.parametrize("value", [1, "true", 0.0])
 def test_beam_must_be_a_boolean(value):
     sampling_params = params(3.0, beam=value)
-    for kind in (HFRepetitionPenaltyV1, HFRepetitionPenaltyV2, HFRepetitionPenalty):
+    for kind in ALL_CLASSES:
         with pytest.raises(ValueError, match=rf"{BEAM_ARG} must be true or false, got {value!r}"):
             kind.validate_params(sampling_params)
 
@@ -497,27 +512,32 @@ def test_frontend_validators_refuse_bad_values_with_http_400_errors():
     v2_check(params(3.0))
     with pytest.raises(VLLMValidationError, match=REQUEST_ARG):
         v2_check(bad)
-    v1_validate([FQCN], params(3.0))
-    with pytest.raises(VLLMValidationError, match=REQUEST_ARG):
-        v1_validate([FQCN], bad)
+    if HAS_V1_RUNNER:
+        v1_validate([FQCN], params(3.0))
+        with pytest.raises(VLLMValidationError, match=REQUEST_ARG):
+            v1_validate([FQCN], bad)
 
 
 # --------------------------------------------------------------------------- picking the class
 
 
-def test_each_runner_loads_the_right_classes():
-    from vllm.v1.sample.logits_processor import _load_logitsprocs_by_fqcns as v1_load
-    from vllm.v1.worker.gpu.sample.logits_processor.loader import _load_v2_logitsprocs_by_fqcns as v2_load
+def test_v2_loader_accepts_the_processor():
+    """What `--logits-processors` / `LLM(logits_processors=...)` resolve to under Model Runner V2, in every vLLM."""
+    assert v2_load([FQCN]) == [HFRepetitionPenalty]
+    assert v2_load([HFRepetitionPenaltyV2]) == [HFRepetitionPenaltyV2]
 
+
+@needs_v1_runner
+def test_each_runner_loads_the_right_classes():
     assert v1_load([FQCN]) == [HFRepetitionPenalty] == v2_load([FQCN])
     assert v1_load([HFRepetitionPenaltyV1]) == [HFRepetitionPenaltyV1]
-    assert v2_load([HFRepetitionPenaltyV2]) == [HFRepetitionPenaltyV2]
     with pytest.raises(ValueError, match="not a subclass"):
         v2_load([HFRepetitionPenaltyV1])
     with pytest.raises(ValueError, match="not a subclass"):
         v1_load([HFRepetitionPenaltyV2])
 
 
+@needs_v1_runner
 def test_combined_class_dispatches_on_the_constructor_arguments():
     v1 = HFRepetitionPenalty(None, CPU, False)
     assert v1.runner == "V1" and v1.is_argmax_invariant() is False
@@ -525,6 +545,21 @@ def test_combined_class_dispatches_on_the_constructor_arguments():
         HFRepetitionPenalty(None)
 
 
+@pytest.mark.skipif(HAS_V1_RUNNER, reason="this vLLM still has the V1 model runner")
+def test_without_v1_runner_everything_is_v2(v2_request_state):
+    """vLLM 0.34+: no V1 base class, no V1 class, every configuration runs V2."""
+    assert not hasattr(rp, "HFRepetitionPenaltyV1")
+    assert HFRepetitionPenalty.__bases__ == (rp.V2LogitsProcessor,)
+    combined = HFRepetitionPenalty(SimpleNamespace(speculative_config=None),
+                                   LogitsProcRequestState.from_request_state(v2_request_state))  # fmt: skip
+    assert combined.runner == "V2"
+    with pytest.raises(TypeError, match=r"\(vllm_config, req_states\) from Model Runner V2$"):
+        HFRepetitionPenalty(None, CPU, False)
+    assert rp.uses_v2_model_runner() is True and processor_class() is HFRepetitionPenaltyV2
+    assert processor_class(SimpleNamespace()) is HFRepetitionPenaltyV2  # 0.34's VllmConfig has no use_v2_model_runner
+
+
+@needs_v1_runner
 def test_processor_class(monkeypatch):
     assert processor_class(SimpleNamespace(use_v2_model_runner=True)) is HFRepetitionPenaltyV2
     assert processor_class(SimpleNamespace(use_v2_model_runner=False)) is HFRepetitionPenaltyV1

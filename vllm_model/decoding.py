@@ -36,6 +36,11 @@ class Decoding:
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1 (or None for N), got {self.max_new_tokens}")
 
+    @property
+    def needs_penalty_processor(self) -> bool:
+        """Whether an engine serving this decoding needs the HF repetition penalty's logits processor."""
+        return self.repetition_penalty != 1.0
+
     @classmethod
     def original(cls) -> Decoding:
         """The original's published recipe: beam 3, repetition penalty 3.0, length penalty 1.0, N tokens at most."""

@@ -62,13 +62,24 @@ class Transcript:
 
 
 
-def create_engine(model: str | Path, *, dtype: str = "auto", max_model_len: int = DEFAULT_MAX_MODEL_LEN, **engine_kwargs):
+def create_engine(
+    model: str | Path,
+    *,
+    penalty_processor: bool = False,
+    dtype: str = "auto",
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN,
+    **engine_kwargs,
+):
     """A vLLM `LLM` for a converted repo, with settings the CPU backend needs when it is the platform.
 
-    The HF repetition penalty is enabled engine-wide (it acts only on requests
-    that ask for it), and `max_logprobs` leaves room for beam search, whose
-    requests ask for 2 * beam_size + (distinct tokens the beam generated)
-    log-probabilities.
+    `penalty_processor=True` registers the HF repetition penalty's logits
+    processor (engine-wide; it acts only on requests that ask for it): pass
+    `decoding.needs_penalty_processor` for the decodings the engine will serve.
+    Without it nothing custom is registered, so greedy decoding and beam search
+    without a penalty run wherever vLLM runs (vLLM 0.34 refuses custom logits
+    processors on CPUs without Triton). `max_logprobs` leaves room for beam
+    search, whose requests ask for 2 * beam_size + (distinct tokens the beam
+    generated) log-probabilities.
     """
     from vllm import LLM
     from vllm.platforms import current_platform
@@ -78,9 +89,10 @@ def create_engine(model: str | Path, *, dtype: str = "auto", max_model_len: int 
     settings = {
         "dtype": dtype,
         "max_model_len": max_model_len,
-        "logits_processors": [HFRepetitionPenalty],
         "max_logprobs": max_model_len,
     }
+    if penalty_processor:
+        settings["logits_processors"] = [HFRepetitionPenalty]
     if current_platform.is_cpu():
         # The CPU backend sizes its KV cache from this variable (GiB) and compiles slowly.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -205,7 +217,7 @@ def _check_penalty_processor(llm) -> None:
         raise ValueError(
             "a repetition penalty needs the engine started with "
             "logits_processors=[fireredasr_vllm.repetition_penalty.HFRepetitionPenalty] "
-            "(fireredasr_vllm.offline.create_engine does this)"
+            "(fireredasr_vllm.offline.create_engine(..., penalty_processor=True) does this)"
         )
 
 
@@ -334,6 +346,8 @@ def transcriptions(
     Greedy decoding (beam 1) goes through `stream_transcriptions`; beam search
     through `beam_search.batched_beam_search`, with transformers 4.x semantics.
     """
+    if decoding.needs_penalty_processor:
+        _check_penalty_processor(llm)
     if decoding.beam_size == 1:
         yield from stream_transcriptions(
             llm,

@@ -155,7 +155,7 @@ class EngineReplica:
         # Replicas may share a node's cores: vLLM's CPU backend would bind every one of them to all cores.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         self.job = job
-        self.decoder = VllmBackend(job.model, dtype=dtype, max_new_tokens=job.decoding.max_new_tokens,
+        self.decoder = VllmBackend(job.model, dtype=dtype, decoding=job.decoding,
                                    tensor_parallel_size=job.tensor_parallel_size, seed=job.seed)  # fmt: skip
 
     def __call__(self, batch: dict) -> dict:

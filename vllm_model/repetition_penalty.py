@@ -12,12 +12,14 @@ penalises the end of the transcript and common characters from the first step.
 This module gives the original's behaviour, per request:
 
 - `apply_hf_repetition_penalty`: the arithmetic, used by every class here;
-- `HFRepetitionPenaltyV1`: for vLLM's V1 model runner (the CPU backend, and
-  GPUs with `VLLM_USE_V2_MODEL_RUNNER=0`);
-- `HFRepetitionPenaltyV2`: for Model Runner V2 (the default on GPUs with Triton);
-- `HFRepetitionPenalty`: one class that either runner loads (it passes both
-  loaders' checks and hands every call to the matching class above); the one
-  to name when the runner is not known in advance;
+- `HFRepetitionPenaltyV1`: for vLLM's V1 model runner (0.32 and 0.33: the CPU
+  backend, and GPUs with `VLLM_USE_V2_MODEL_RUNNER=0`); defined only where
+  vLLM still has that runner (`HAS_V1_RUNNER`), since 0.34 deleted it;
+- `HFRepetitionPenaltyV2`: for Model Runner V2 (the default on GPUs with Triton
+  from 0.32, the only runner from 0.34);
+- `HFRepetitionPenalty`: one class that any runner of any supported vLLM loads
+  (it passes the loaders' checks and hands every call to the matching class
+  above); the one to name when the runner is not known in advance;
 - `processor_class`: the class for a given configuration.
 
 Enabling it (engine-wide; it only acts on requests that ask for it)::
@@ -56,10 +58,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from vllm.sampling_params import SamplingParams
-from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
-from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
+
+try:
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+    from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+except ImportError:
+    # vLLM 0.34 deleted Model Runner V1 and its logits-processor package: V2 is the
+    # only runner, and only the V2 classes below exist.
+    V1LogitsProcessor = None
+
+# Whether this vLLM still has Model Runner V1 (0.32 and 0.33 do; 0.34 removed it).
+HAS_V1_RUNNER = V1LogitsProcessor is not None
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -206,78 +217,81 @@ class _History:
         return self.seen
 
 
-class HFRepetitionPenaltyV1(V1LogitsProcessor):
-    """The penalty for vLLM's V1 model runner.
+if HAS_V1_RUNNER:
+    # Defined only where vLLM still has the V1 runner, whose base class it needs.
 
-    Per-request state lives in a dict keyed by the request's row in the
-    persistent batch, kept in step with vLLM's `BatchUpdate`s (removed, then
-    added, then moved). Each entry holds a reference to vLLM's running list of
-    the request's output tokens, so `apply` sees the tokens generated up to this
-    step; the distinct ones are collected incrementally.
-    """
+    class HFRepetitionPenaltyV1(V1LogitsProcessor):
+        """The penalty for vLLM's V1 model runner.
 
-    @classmethod
-    def validate_params(cls, sampling_params: SamplingParams) -> None:
-        penalty_from_params(sampling_params)
-        prior_tokens_from_params(sampling_params)
-        beam_stops_from_params(sampling_params)
+        Per-request state lives in a dict keyed by the request's row in the
+        persistent batch, kept in step with vLLM's `BatchUpdate`s (removed, then
+        added, then moved). Each entry holds a reference to vLLM's running list of
+        the request's output tokens, so `apply` sees the tokens generated up to this
+        step; the distinct ones are collected incrementally.
+        """
 
-    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
-        self.device = device
-        self.requests: dict[int, _History] = {}
+        @classmethod
+        def validate_params(cls, sampling_params: SamplingParams) -> None:
+            penalty_from_params(sampling_params)
+            prior_tokens_from_params(sampling_params)
+            beam_stops_from_params(sampling_params)
 
-    def is_argmax_invariant(self) -> bool:
-        # Lowering a generated token's logit can change the greedy choice.
-        return False
+        def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
+            self.device = device
+            self.requests: dict[int, _History] = {}
 
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if batch_update is None:
-            return
-        for index in batch_update.removed:
-            self.requests.pop(index, None)
-        for index, params, _prompt_ids, output_ids in batch_update.added:
-            penalty = penalty_from_params(params)
-            if penalty is None:
-                # The row may have held another request.
+        def is_argmax_invariant(self) -> bool:
+            # Lowering a generated token's logit can change the greedy choice.
+            return False
+
+        def update_state(self, batch_update: BatchUpdate | None) -> None:
+            if batch_update is None:
+                return
+            for index in batch_update.removed:
                 self.requests.pop(index, None)
-            else:
-                self.requests[index] = _History(
-                    penalty, output_ids, prior_tokens_from_params(params), beam_stops_from_params(params)
-                )
-        for source, target, direction in batch_update.moved:
-            moving = self.requests.pop(source, None)
-            displaced = self.requests.pop(target, None)
-            if moving is not None:
-                self.requests[target] = moving
-            if direction == MoveDirectionality.SWAP and displaced is not None:
-                self.requests[source] = displaced
+            for index, params, _prompt_ids, output_ids in batch_update.added:
+                penalty = penalty_from_params(params)
+                if penalty is None:
+                    # The row may have held another request.
+                    self.requests.pop(index, None)
+                else:
+                    self.requests[index] = _History(
+                        penalty, output_ids, prior_tokens_from_params(params), beam_stops_from_params(params)
+                    )
+            for source, target, direction in batch_update.moved:
+                moving = self.requests.pop(source, None)
+                displaced = self.requests.pop(target, None)
+                if moving is not None:
+                    self.requests[target] = moving
+                if direction == MoveDirectionality.SWAP and displaced is not None:
+                    self.requests[source] = displaced
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.requests:
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            if not self.requests:
+                return logits
+            vocab, device = logits.shape[-1], logits.device
+            by_setting: dict[tuple[float, bool], list[tuple[int, _History]]] = {}
+            for index, history in self.requests.items():
+                tokens = history.refresh()
+                # A row with nothing to penalise is left alone, unless it extends a beam.
+                beam = history.beam_stops is not None
+                if tokens or beam:
+                    by_setting.setdefault((history.penalty, beam), []).append((index, history))
+            for (penalty, beam), group in by_setting.items():
+                rows: list[int] = []
+                cols: list[int] = []
+                for local, (_, history) in enumerate(group):
+                    valid = [t for t in history.seen if t < vocab]
+                    rows.extend([local] * len(valid))
+                    cols.extend(valid)
+                seen = torch.zeros(len(group), vocab, dtype=torch.bool, device=device)
+                row_index = torch.tensor(rows, dtype=torch.long, device=device)
+                token_index = torch.tensor(cols, dtype=torch.long, device=device)
+                seen[row_index, token_index] = True
+                batch_rows = torch.tensor([index for index, _ in group], dtype=torch.long, device=device)
+                beam_stops = [history.beam_stops for _, history in group] if beam else None
+                logits[batch_rows] = _penalised(logits[batch_rows], seen, penalty, beam_stops)
             return logits
-        vocab, device = logits.shape[-1], logits.device
-        by_setting: dict[tuple[float, bool], list[tuple[int, _History]]] = {}
-        for index, history in self.requests.items():
-            tokens = history.refresh()
-            # A row with nothing to penalise is left alone, unless it extends a beam.
-            beam = history.beam_stops is not None
-            if tokens or beam:
-                by_setting.setdefault((history.penalty, beam), []).append((index, history))
-        for (penalty, beam), group in by_setting.items():
-            rows: list[int] = []
-            cols: list[int] = []
-            for local, (_, history) in enumerate(group):
-                valid = [t for t in history.seen if t < vocab]
-                rows.extend([local] * len(valid))
-                cols.extend(valid)
-            seen = torch.zeros(len(group), vocab, dtype=torch.bool, device=device)
-            row_index = torch.tensor(rows, dtype=torch.long, device=device)
-            token_index = torch.tensor(cols, dtype=torch.long, device=device)
-            seen[row_index, token_index] = True
-            batch_rows = torch.tensor([index for index, _ in group], dtype=torch.long, device=device)
-            beam_stops = [history.beam_stops for _, history in group] if beam else None
-            logits[batch_rows] = _penalised(logits[batch_rows], seen, penalty, beam_stops)
-        return logits
 
 
 class HFRepetitionPenaltyV2(V2LogitsProcessor):
@@ -401,11 +415,16 @@ class HFRepetitionPenaltyV2(V2LogitsProcessor):
         return torch.nn.functional.pad(seen, (0, vocab - width), value=False)
 
 
-class HFRepetitionPenalty(V1LogitsProcessor, V2LogitsProcessor):
+# Both runners' base classes where both runners exist, so either loader accepts it.
+_RUNNER_BASES = (V1LogitsProcessor, V2LogitsProcessor) if HAS_V1_RUNNER else (V2LogitsProcessor,)
+
+
+class HFRepetitionPenalty(*_RUNNER_BASES):
     """The penalty for whichever model runner loads it.
 
-    It subclasses both runners' base classes, so both loaders accept it. The
-    V1 runner constructs it as `(vllm_config, device, is_pin_memory)` and V2 as
+    Where vLLM has both runners (0.32, 0.33) it subclasses both base classes,
+    so both loaders accept it; from 0.34 on, only V2's. The V1 runner
+    constructs it as `(vllm_config, device, is_pin_memory)` and V2 as
     `(vllm_config, req_states)`; the constructor builds the matching class and
     every call goes to it.
     """
@@ -417,20 +436,18 @@ class HFRepetitionPenalty(V1LogitsProcessor, V2LogitsProcessor):
         beam_stops_from_params(sampling_params)
 
     def __init__(self, vllm_config: VllmConfig, *args: Any) -> None:
-        if len(args) == 2:
+        if len(args) == 2 and HAS_V1_RUNNER:
             self._impl: HFRepetitionPenaltyV1 | HFRepetitionPenaltyV2 = HFRepetitionPenaltyV1(vllm_config, *args)
         elif len(args) == 1:
             self._impl = HFRepetitionPenaltyV2(vllm_config, *args)
         else:
-            raise TypeError(
-                "HFRepetitionPenalty takes (vllm_config, device, is_pin_memory) from vLLM's V1 "
-                "model runner or (vllm_config, req_states) from Model Runner V2"
-            )
+            expected = "(vllm_config, device, is_pin_memory) from vLLM's V1 model runner or " if HAS_V1_RUNNER else ""
+            raise TypeError(f"HFRepetitionPenalty takes {expected}(vllm_config, req_states) from Model Runner V2")
 
     @property
     def runner(self) -> str:
         """"V1" or "V2": the runner that constructed this instance."""
-        return "V1" if isinstance(self._impl, HFRepetitionPenaltyV1) else "V2"
+        return "V2" if isinstance(self._impl, HFRepetitionPenaltyV2) else "V1"
 
     # V1 runner
     def is_argmax_invariant(self) -> bool:
@@ -456,13 +473,16 @@ class HFRepetitionPenalty(V1LogitsProcessor, V2LogitsProcessor):
 def uses_v2_model_runner(vllm_config: VllmConfig | None = None) -> bool:
     """Whether vLLM runs (or, without a config, will most likely run) Model Runner V2.
 
-    With a config this is vLLM's own decision (`VllmConfig.use_v2_model_runner`).
-    Without one: `VLLM_USE_V2_MODEL_RUNNER` when set, else whether vLLM has a
-    working Triton (V2's requirement; False on the CPU backend). That guess
-    cannot see the configuration-dependent fallbacks to V1 (some speculative
-    decoding methods, pipeline parallelism with external_launcher, micro-batching),
-    which is what `HFRepetitionPenalty` is for.
+    Always True from vLLM 0.34 on (V1 is gone). Before that, with a config this
+    is vLLM's own decision (`VllmConfig.use_v2_model_runner`); without one,
+    `VLLM_USE_V2_MODEL_RUNNER` when set, else whether vLLM has a working Triton
+    (V2's requirement; False on the CPU backend). That guess cannot see the
+    configuration-dependent fallbacks to V1 (some speculative decoding methods,
+    pipeline parallelism with external_launcher, micro-batching), which is what
+    `HFRepetitionPenalty` is for.
     """
+    if not HAS_V1_RUNNER:
+        return True
     if vllm_config is not None:
         return bool(vllm_config.use_v2_model_runner)
     import vllm.envs as envs

@@ -182,11 +182,16 @@ def quiet_vllm_logs() -> None:
 
 
 class VllmBackend:
-    def __init__(self, model: str, *, dtype: str, max_new_tokens: int | None, tensor_parallel_size: int, seed: int):
+    def __init__(self, model: str, *, dtype: str, decoding: Decoding, tensor_parallel_size: int, seed: int):
         # Room for the prompt, the longest clip and the requested number of new tokens.
-        max_model_len = DEFAULT_MAX_MODEL_LEN + (max_new_tokens or 0)
+        max_model_len = DEFAULT_MAX_MODEL_LEN + (decoding.max_new_tokens or 0)
         self.llm = create_engine(
-            model, dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size, seed=seed
+            model,
+            penalty_processor=decoding.needs_penalty_processor,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            seed=seed,
         )
 
     def close(self) -> None:
@@ -382,7 +387,7 @@ class LocalTranscription:
     def __init__(self, job: Job, dtype: str, settings: SegmenterSettings, validate):
         self.job, self.settings, self.validate = job, settings, validate
         if job.backend == "vllm":
-            self.decoder = VllmBackend(job.model, dtype=dtype, max_new_tokens=job.decoding.max_new_tokens,
+            self.decoder = VllmBackend(job.model, dtype=dtype, decoding=job.decoding,
                                        tensor_parallel_size=job.tensor_parallel_size, seed=job.seed)  # fmt: skip
         else:
             self.decoder = ReferenceBackend(job.model, dtype=dtype)
