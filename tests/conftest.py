@@ -4,6 +4,7 @@ real speech; the loaders tests read release pickles and safetensors files with."
 
 import argparse
 import ast
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,23 @@ from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
 CLEAN_SPEECH = Path(__file__).resolve().parent / "data" / "clean_speech"
 
 
+# torch's intra-op thread count for the whole test process (default 1). The thread count
+# changes how float32 sums are split, so `make test-portable` runs the fast lane with 1 and 2
+# threads to prove the tolerances hold either way: FIREREDASR_TEST_THREADS=2 make test-fast.
+THREADS_VARIABLE = "FIREREDASR_TEST_THREADS"
+
+
 def pytest_configure(config):
     # Importing silero_vad (the segmenter's VAD) sets torch to one thread for the rest of the
-    # process, so without this a test's thread count would depend on whether an earlier test
-    # used the VAD. One thread from the start: the models here are tiny, and on two cores shared
-    # with vLLM engines torch's spinning worker threads made their small ops 6x slower.
-    torch.set_num_threads(1)
+    # process: imported here first, so the count below holds for every test whether or not an
+    # earlier test used the VAD. One thread by default: the models here are tiny, and on two
+    # cores shared with vLLM engines torch's spinning worker threads made their small ops 6x slower.
+    import silero_vad  # noqa: F401
+
+    threads = int(os.environ.get(THREADS_VARIABLE, "1"))
+    if threads < 1:
+        raise pytest.UsageError(f"{THREADS_VARIABLE} must be a positive thread count, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def pytest_ignore_collect(collection_path, config):

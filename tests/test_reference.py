@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tolerances import F64_EPS
 
 from fireredasr_converter import spec
 from fireredasr_converter.feature_extraction import kaldi_fbank
@@ -54,7 +55,9 @@ def test_cmvn_statistics_by_hand():
     stats = np.array([[4.0, 8.0, 10.0, 2.0], [10.0, 40.0, 50.0, 0.0]])
     mean, istd, count = spec.cmvn_from_stats(stats)
     np.testing.assert_array_equal(mean, [2.0, 4.0, 5.0])
-    np.testing.assert_allclose(istd, [1.0, 0.5, 1e10], rtol=1e-15)
+    # 1 and 0.5 are exact; 1e-20 is rounded (half an ulp), then sqrt and the reciprocal
+    # round once each (half an ulp; sqrt halves the error it receives): under 2 eps.
+    np.testing.assert_allclose(istd, [1.0, 0.5, 1e10], rtol=2 * F64_EPS, atol=0)
     assert count == 2.0
 
 
