@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoConfig, AutoTokenizer, Qwen2Config
 from conftest import load_safetensors
+from tolerances import F32_EPS, fbank_atol
+from transformers import AutoConfig, AutoTokenizer, Qwen2Config
 from vllm_helpers import (
     CPU_ENGINE_ENV,
     NUM_LOGPROBS,
@@ -32,7 +33,7 @@ from vllm_helpers import (
 from fireredasr_converter import spec
 from fireredasr_converter.cli import main
 from fireredasr_converter.errors import ConversionError
-from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
+from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor, kaldi_fbank
 from fireredasr_converter.fixtures import synthetic_speech
 from fireredasr_converter.pipeline import convert
 from fireredasr_converter.stock_vllm import STOCK_ARCHITECTURE, STOCK_AUDIO_TOKEN
@@ -241,8 +242,15 @@ def test_stock_feature_extractor_computes_the_plugin_features(stock_repo, conver
     assert stock_features["input_features"].shape == (1, stock_extractor.max_length, spec.NUM_MEL_BINS)
     assert stock_features["speech_lengths"].tolist() == [num_frames]
     assert stock_features["fake_token_lengths"].tolist() == [speech_embedding_count(len(clip))]
-    # kaldi-native-fbank frame by frame against the vectorised fbank: float32 rounding apart.
-    torch.testing.assert_close(stock_features["input_features"][0, :num_frames], plugin_features, rtol=0, atol=1e-3)
+    # kaldi-native-fbank frame by frame against the vectorised fbank: float32 rounding apart
+    # (fbank_atol), scaled by CMVN's inverse std, plus CMVN's own float32 roundings (the
+    # mean and the difference, relative to the log-mel and mean sizes; the product).
+    log_mel = kaldi_fbank(torch.from_numpy(clip)).numpy()
+    mean, istd = np.asarray(plugin_extractor.cmvn_mean), np.asarray(plugin_extractor.cmvn_istd)
+    cmvn_rounding = 2 * F32_EPS * (np.abs(log_mel) + np.abs(mean)) * istd + F32_EPS * plugin_features.abs().numpy()
+    bound = fbank_atol(clip, log_mel) * istd + cmvn_rounding
+    difference = (stock_features["input_features"][0, :num_frames] - plugin_features).abs().numpy()
+    assert (difference <= bound).all()
     assert not stock_features["input_features"][0, num_frames:].any()
 
 
