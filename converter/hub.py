@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from . import spec
 from .configuration import MODEL_TYPE
 from .errors import ConversionError, first_line
+from .stock_vllm import STOCK_ARCHITECTURE
 from .feature_extraction import FireRedAsrFeatureExtractor
 from .model_card import BASE_LLM_REPO, CARD_NAME, PUBLISHED_RESULTS
 from .plan import format_size
@@ -73,7 +74,7 @@ _HASH_CHUNK_BYTES = 16 << 20
 # transport failures by their exception family rather than import one client.
 _NETWORK_ERROR_NAMES = {"TransportError", "ConnectionError", "Timeout", "TimeoutError", "ConnectTimeout"}
 _RESUME = "re-run the same command to resume (files already on the Hub are not sent again)"
-_RECONVERT = "convert again with fireredasr-convert"
+_RECONVERT = "convert again with `fireredasr-convert SRC OUT` (the default target, --target plugin)"
 # upload_folder opens a new pull request on every call with create_pr.
 _RESUME_PR = (
     f"if a pull request was named above, resume into it with --revision {PR_REF_PREFIX}N instead of --create-pr "
@@ -286,6 +287,11 @@ def check_converted_repo(folder: Path) -> ConvertedRepo:
     for name in REQUIRED_FILES:
         _check_regular_file(folder, name)
     config = _read_json(folder, "config.json")
+    if STOCK_ARCHITECTURE in (config.get("architectures") or []):
+        raise HubPushError(
+            f"{folder} is a --target stock-vllm export; the Hub push uploads the plugin format only: "
+            f"{_RECONVERT}"
+        )
     if config.get("model_type") != MODEL_TYPE:
         raise _refuse(folder, f"config.json has model_type {config.get('model_type')!r}, not {MODEL_TYPE!r}")
     if not isinstance(config.get(PROVENANCE_KEY), dict):

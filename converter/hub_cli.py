@@ -22,6 +22,7 @@ from . import __version__
 from .errors import first_line
 from .hub import (
     HubPushError,
+    check_converted_repo,
     check_push_arguments,
     describe_hub_error,
     mask_tokens,
@@ -75,6 +76,8 @@ def run_push(folder: Path, request: PushRequest) -> None:
 
     secrets = _known_tokens(request)
     try:
+        # The folder before the token: a wrong folder is named before the user is sent to log in.
+        check_converted_repo(folder)
         check_push_request(request)
         api = HfApi(token=request.token, library_name="fireredasr-vllm", library_version=__version__)
         result = push_to_hub(

@@ -6,6 +6,7 @@ checked against what the Hub would really report.
 """
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -478,3 +479,21 @@ def test_push_console_script_in_a_real_process(tmp_path):
     assert completed.stderr.splitlines()[-1] == f"error: {tmp_path / 'missing'} is not a folder: " + (
         "give the output folder of fireredasr-convert"
     )
+
+
+def test_push_names_a_wrong_folder_before_asking_for_a_token(tmp_path, hub_factory, hub_home):
+    result = CliRunner().invoke(push_main, [str(tmp_path / "nowhere"), REPO_ID])
+    assert result.exit_code == 1
+    assert "is not a folder" in error_line(result) and "token" not in error_line(result)
+    assert hub_factory.kwargs is None
+
+
+def test_push_of_a_stock_export_says_which_target_to_convert_with(repo, hub_factory, hub_home):
+    config = json.loads((repo / "config.json").read_text())
+    config["architectures"] = ["FireRedASR2ForConditionalGeneration"]
+    (repo / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(push_main, [str(repo), REPO_ID, "--token", FAKE_TOKEN])
+    assert result.exit_code == 1
+    line = error_line(result)
+    assert "--target stock-vllm export" in line and "--target plugin" in line
+    assert hub_factory.kwargs is None

@@ -94,3 +94,34 @@ def test_on_a_terminal_it_asks_for_the_folder_when_none_is_found(setup_script, r
     assert result.exit_code == 0, result.output
     assert "has no config.json" in result.output  # the first answer was not a Qwen2 folder
     assert (model_dir / QWEN2_FOLDER).resolve() == qwen2.resolve()
+
+
+@pytest.mark.vllm
+def test_demo_next_steps_run_as_printed_from_any_directory(tmp_path):
+    """`make demo`'s last lines: full paths, so they work without the venv on PATH and from any folder;
+    vLLM's own logs stay off stdout, which is the script's report."""
+    import shlex
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "VLLM_LOGGING_LEVEL", "VLLM_LOGGING_STREAM")}
+    clean["PATH"] = "/usr/bin:/bin"
+    setup = subprocess.run(
+        [sys.executable, str(SCRIPT), "--demo", "demo-out"], cwd=tmp_path, env=clean, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert setup.returncode == 0, setup.stderr[-3000:]
+    assert " INFO " not in setup.stdout, setup.stdout
+    lines = setup.stdout.splitlines()
+    serve = lines[lines.index("[5/5] serve it with:") + 1].strip()
+    transcribe = lines[lines.index("or transcribe files with:") + 1].strip()
+    converted = str((tmp_path / "demo-out" / "converted").resolve())
+    assert f"{sys.executable} -m vllm.entrypoints.openai.api_server --model {converted} --dtype float32" in serve
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run(shlex.split(transcribe), cwd=elsewhere, env=clean, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from fireredasr_vllm import demo
+
+    assert len(done.stdout.splitlines()) == len(demo.heldout_clips())

@@ -233,3 +233,24 @@ def test_vllm_recipe_gives_the_reference_transcripts(demo_fp32, tmp_path):
         assert completed.returncode == 0, completed.stderr[-3000:]
     assert outputs["vllm"].read_text(encoding="utf-8") == outputs["reference"].read_text(encoding="utf-8")
     assert len(outputs["vllm"].read_text(encoding="utf-8").splitlines()) == 12
+
+
+def test_transcripts_held_back_by_an_earlier_recording_are_counted_and_ray_audio_is_drawn_with_its_file(capsys):
+    """After Ctrl-C the summary says how many transcribed recordings wait for an earlier one (the
+    output keeps input order); a Ray row's audio draws no progress line of its own (it showed an RTF
+    at 0 files)."""
+    from fireredasr_vllm.transcribe import OrderedWriter, Progress
+
+    written = []
+    writer = OrderedWriter(type("Sink", (), {"write": lambda self, t: written.append(t)})(), [0, 1, 2])
+    writer.settle(2, "third")
+    writer.settle(1, None)  # skipped: nothing to write, nothing waiting
+    assert (writer.written, writer.waiting) == (0, 1)
+    writer.settle(0, "first")
+    assert (written, writer.written, writer.waiting) == (["first", "third"], 2, 0)
+
+    progress = Progress(files=1, audio_seconds=5.0, enabled=True)
+    progress.count_audio(5.0)
+    assert capsys.readouterr().err == ""
+    progress.file(True)
+    assert capsys.readouterr().err.startswith("1/1 files (0 skipped), 5.0/5.0 s of audio")

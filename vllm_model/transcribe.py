@@ -100,6 +100,11 @@ class OrderedWriter:
                 continue
             self.written += 1
 
+    @property
+    def waiting(self) -> int:
+        """Transcribed recordings not written yet: an earlier recording is still unsettled."""
+        return sum(transcript is not None for transcript in self._settled.values())
+
 
 # --- progress -----------------------------------------------------------------
 
@@ -131,6 +136,10 @@ class Progress:
     def audio(self, seconds: float) -> None:
         self.audio_seconds += seconds
         self._show()
+
+    def count_audio(self, seconds: float) -> None:
+        """Audio that arrives with a whole file (a Ray row): drawn with that file, not as a line without it."""
+        self.audio_seconds += seconds
 
     def file(self, ok: bool) -> None:
         if ok:
@@ -480,7 +489,7 @@ def _transcribe(utterances: list[Utterance], job: Job, sink, finished: set[str])
 
     interrupted = False
     try:
-        transcription.run(pending, report, progress.audio)
+        transcription.run(pending, report, progress.count_audio if job.engine == "ray" else progress.audio)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -495,7 +504,9 @@ def _transcribe(utterances: list[Utterance], job: Job, sink, finished: set[str])
         err=True,
     )
     where = str(job.output) if job.output is not None else "the output"
-    click.echo(f"{in_output} of {len(utterances)} recordings are in {where}", err=True)
+    # Written in input order: a transcript finished after an interruption waits for every earlier one.
+    held = f" ({writer.waiting} more transcribed, not written: an earlier recording was unfinished)" if writer.waiting else ""
+    click.echo(f"{in_output} of {len(utterances)} recordings are in {where}{held}", err=True)
     if interrupted:
         click.echo(f"interrupted: rerun with --resume to finish {where}", err=True)
         return 130
