@@ -16,7 +16,7 @@ Blocks of one page run in page order in one workspace, as a reader following the
 page would: a folder laid out like a checkout after `make demo` (`.venv`,
 `.demo/converted`, `vllm_model/`, `setup_fireredasr.py`, links to this checkout),
 plus the names the docs use: `FireRedASR-LLM-L` (the demo release), `clip.wav`,
-`meeting.wav` (45 s of English digits), `a.wav`, `b.flac`, `wavs/`, `wav.scp`,
+`meeting.wav` (40 s of English digit strings), `a.wav`, `b.flac`, `wavs/`, `wav.scp`,
 `ref_text`. The demo model stands in for FireRedASR-LLM-L. The environment is
 `.venv` activated, as README says to do.
 

@@ -72,7 +72,7 @@ def doc_inputs(tmp_path_factory) -> Path:
     picked = [english[0], mandarin[0], english[1]]
     (root / "wav.scp").write_text("".join(f"{uttid} {path}\n" for uttid, path, _ in picked))
     (root / "ref_text").write_text("".join(f"{uttid}\t{text}\n" for uttid, _, text in picked))
-    audio = {uttid: soundfile.read(path, dtype="float32") for uttid, path, _ in english[:12] + mandarin[:1]}
+    audio = {uttid: soundfile.read(path, dtype="float32") for uttid, path, _ in english + mandarin[:1]}
     (samples, rate), (zh_samples, _) = audio[english[0][0]], audio[mandarin[0][0]]
     soundfile.write(root / "clip.wav", samples, rate)
     soundfile.write(root / "a.wav", samples, rate)
@@ -83,11 +83,13 @@ def doc_inputs(tmp_path_factory) -> Path:
     # A recording longer than the model's 30 s: English digit strings with pauses between them.
     pause = np.zeros(int(0.8 * rate), dtype=np.float32)
     pieces = []
-    for uttid, _, _ in english[:12]:
+    for uttid, _, _ in english:
         pieces += [audio[uttid][0], pause]
-        if sum(len(p) for p in pieces) >= 45 * rate:
+        if sum(len(p) for p in pieces) >= 40 * rate:
             break
-    soundfile.write(root / "meeting.wav", np.concatenate(pieces), rate)
+    meeting = np.concatenate(pieces)
+    assert len(meeting) > 31 * rate, "the long-upload block needs more than the model's 30 s"
+    soundfile.write(root / "meeting.wav", meeting, rate)
     return root
 
 

@@ -542,7 +542,7 @@ MEMORY_NOTE = (
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=MEMORY_NOTE)
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--model", "-m", required=True, help="A converted repo (`fireredasr-convert SRC OUT`).")
-@click.option("--wav-scp", type=click.Path(path_type=Path, dir_okay=False), help="Kaldi wav.scp: `uttid path` per line.")
+@click.option("--wav-scp", type=click.Path(path_type=Path, dir_okay=False), help="Kaldi wav.scp: `uttid path` per line; relative paths are taken from the current directory.")
 @click.option("--wav-dir", type=click.Path(path_type=Path, file_okay=False), help="A folder searched recursively for audio files.")
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               help="text/jsonl: the file to write (default: stdout); srt/vtt: the folder for one file per recording.")
