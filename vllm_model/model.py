@@ -67,6 +67,16 @@ SPLIT_SEARCH_SECONDS = 5
 SPLIT_ENERGY_WINDOW_S = 0.1
 # The language a transcription request without `language` is taken to be in.
 DEFAULT_LANGUAGE = "zh"
+# vLLM 0.34 lets a model choose how the transcription endpoint resamples uploads
+# (before, the endpoint's audio decoder resampled them itself; on GPU installs
+# with torchcodec, differently from the offline path). Where the field exists the
+# endpoint uses PyAV, as `get_data_parser` does for offline and chat requests, so
+# an upload at any rate gives the model the same samples on every path.
+UPLOAD_RESAMPLING = (
+    {"audio_resample_method": "pyav"}
+    if "audio_resample_method" in {field.name for field in dataclasses.fields(SpeechToTextConfig)}
+    else {}
+)
 
 
 @functools.lru_cache(maxsize=8)
@@ -269,6 +279,7 @@ class FireRedAsrLlmForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
             max_audio_clip_s=max_clip_s if chunking else None,
             overlap_chunk_second=SPLIT_SEARCH_SECONDS,
             min_energy_split_window_size=window if chunking else None,
+            **UPLOAD_RESAMPLING,
         )
 
     @classmethod
