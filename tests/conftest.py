@@ -96,6 +96,85 @@ def demo_fp32(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_reference(demo_fp32) -> ReferenceFireRedAsrLlm:
+    """The reference on the demo model: the oracle of the demo and recipe tests."""
+    return ReferenceFireRedAsrLlm.from_pretrained(demo_fp32)
+
+
+# --- vLLM engines: one alive at a time, each started once per run ----------------------------
+
+# The engines tests share, in the order their tests run (pytest_collection_modifyitems):
+# a test asks for one through these fixtures (directly or through a fixture that does).
+ENGINE_FIXTURES = ("tiny_llm", "demo_llm", "recipe_llm")
+
+
+@pytest.fixture(scope="session")
+def engines():
+    """The suite's vLLM engines (`vllm_helpers.Engines`, built with the product's `create_engine`)."""
+    from vllm_helpers import Engines
+
+    factory = Engines()
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(engines, converted_fp32):
+    """The fp32 engine on the tiny fixture, as `create_engine` builds it for greedy decoding."""
+    return engines.get(converted_fp32, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def demo_llm(engines, demo_fp32):
+    """The fp32 engine on the demo model for greedy decoding (what `fireredasr-transcribe` builds by default)."""
+    return engines.get(demo_fp32, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def recipe_llm(engines, demo_fp32):
+    """The fp32 engine on the demo model with the penalty processor the original recipe needs."""
+    from fireredasr_vllm.decoding import ORIGINAL_RECIPE
+
+    return engines.get(demo_fp32, dtype="float32", penalty_processor=ORIGINAL_RECIPE.needs_penalty_processor)
+
+
+@pytest.fixture
+def transcribe_in_process(engines, monkeypatch):
+    """`fireredasr-transcribe`'s vLLM backend in this process, on the suite's engines.
+
+    The CLI's `create_engine` call goes to `engines.get` with the CLI's own settings, so it
+    gets the shared engine when they match; closing the backend leaves the engine to
+    `engines`. One test still runs the CLI in its own process (test_transcribe_cli's `vllm_run`).
+    """
+    from fireredasr_vllm import transcribe
+
+    monkeypatch.setattr(transcribe, "create_engine", engines.get)
+    monkeypatch.setattr(transcribe, "shutdown_engine", lambda llm: None)
+    # The CLI sets these for its process (quiet_vllm_logs); here they end with the test.
+    for name in ("VLLM_LOGGING_STREAM", "VLLM_LOGGING_LEVEL"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        if not os.environ[name]:
+            monkeypatch.delenv(name)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that share an engine run together, so each engine starts once and only one is alive.
+
+    Stable: tests without a shared engine keep their order and run first; then each
+    ENGINE_FIXTURES group, in which tests that also build engines of their own
+    (`engines` among their arguments) run last, after the shared engine served the rest.
+    """
+
+    def rank(item):
+        names = getattr(item, "fixturenames", ())
+        group = next((i + 1 for i, name in enumerate(ENGINE_FIXTURES) if name in names), 0)
+        own_engine = "engines" in getattr(getattr(item, "_fixtureinfo", None), "argnames", ())
+        return (group, own_engine)
+
+    items.sort(key=rank)
+
+
 def speech_recording(seconds: float, seed: int = 0) -> tuple[np.ndarray, list[tuple[int, int]], list[str]]:
     """A recording of `CLEAN_SPEECH` pieces between silences and noise, each piece's audible span and its uttid.
 

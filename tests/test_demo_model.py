@@ -18,14 +18,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from transformers import AutoTokenizer
-from vllm_helpers import CPU_ENGINE_ENV, start_engine
+from vllm_helpers import CPU_ENGINE_ENV
 
 from fireredasr_converter import spec
 from fireredasr_converter.pipeline import convert
 from fireredasr_converter.stock_vllm import STOCK_VLLM_TARGET
 from fireredasr_vllm import demo
-from fireredasr_vllm.offline import shutdown_engine, stream_transcriptions, transcribe
-from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
+from fireredasr_vllm.offline import stream_transcriptions, transcribe
 from fireredasr_vllm.scoring import main as score_main
 from fireredasr_vllm.scoring import score
 from fireredasr_vllm.audio_input import load_audio
@@ -37,7 +36,9 @@ MAX_ERROR_RATE = 5.0
 STOCK_WORKER = Path(__file__).resolve().parent / "stock_vllm_worker.py"
 
 
-@pytest.fixture(scope="module")
+# Session scope: conftest runs this module's tests on the shared demo engine after the
+# others, and these would otherwise be made again for them.
+@pytest.fixture(scope="session")
 def heldout() -> dict[str, tuple[np.ndarray, str]]:
     clips = {uttid: (load_audio(str(path)), text) for uttid, path, text in demo.heldout_clips()}
     assert len(clips) >= 20
@@ -45,7 +46,7 @@ def heldout() -> dict[str, tuple[np.ndarray, str]]:
     return clips
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def repos(demo_fp32, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("demo")
     converted = {"fp32": demo_fp32, "bf16": folder / "demo-bf16", "stock": folder / "demo-stock"}
@@ -54,12 +55,8 @@ def repos(demo_fp32, tmp_path_factory) -> dict[str, Path]:
     return converted
 
 
-def vllm_transcripts(repo: Path, dtype: str, heldout) -> dict[str, object]:
-    llm = start_engine(repo, dtype)
-    try:
-        results = dict(stream_transcriptions(llm, ((uttid, clip) for uttid, (clip, _) in heldout.items())))
-    finally:
-        shutdown_engine(llm)
+def vllm_transcripts(llm, heldout) -> dict[str, object]:
+    results = dict(stream_transcriptions(llm, ((uttid, clip) for uttid, (clip, _) in heldout.items())))
     assert not [uttid for uttid, result in results.items() if isinstance(result, Exception)]
     return results
 
@@ -69,8 +66,8 @@ def error_rate(heldout, hypotheses: dict[str, str]) -> float:
 
 
 @pytest.fixture(scope="module")
-def fp32_results(repos, heldout):
-    return vllm_transcripts(repos["fp32"], "float32", heldout)
+def fp32_results(demo_llm, heldout):
+    return vllm_transcripts(demo_llm, heldout)
 
 
 def test_fp32_transcripts_are_accurate_and_end_on_im_end(fp32_results, repos, heldout):
@@ -83,10 +80,9 @@ def test_fp32_transcripts_are_accurate_and_end_on_im_end(fp32_results, repos, he
     assert error_rate(heldout, {uttid: r.text for uttid, r in fp32_results.items()}) <= MAX_ERROR_RATE
 
 
-def test_reference_gives_the_same_ids(fp32_results, repos, heldout):
-    reference = ReferenceFireRedAsrLlm.from_pretrained(repos["fp32"])
+def test_reference_gives_the_same_ids(fp32_results, demo_reference, heldout):
     for uttid, (clip, _) in heldout.items():
-        assert reference.generate_ids(clip) == fp32_results[uttid].token_ids, uttid
+        assert demo_reference.generate_ids(clip) == fp32_results[uttid].token_ids, uttid
 
 
 def test_fireredasr_score_computes_the_error_rate(fp32_results, heldout, tmp_path):
@@ -98,13 +94,14 @@ def test_fireredasr_score_computes_the_error_rate(fp32_results, heldout, tmp_pat
     assert f"CER/WER {expected:.2f}%" in result.output
 
 
-def test_bf16_conversion_is_as_accurate(repos, heldout):
-    results = vllm_transcripts(repos["bf16"], "bfloat16", heldout)
+def test_bf16_conversion_is_as_accurate(repos, heldout, engines):
+    results = vllm_transcripts(engines.get(repos["bf16"], dtype="bfloat16"), heldout)
     assert error_rate(heldout, {uttid: r.text for uttid, r in results.items()}) <= MAX_ERROR_RATE
 
 
-def test_stock_vllm_export_reaches_the_same_error_rate(repos, heldout, fp32_results, tmp_path):
+def test_stock_vllm_export_reaches_the_same_error_rate(repos, heldout, fp32_results, tmp_path, engines):
     """Stock vLLM's FireRedASR2 (no plugin) on the same release: every clip is under 30 s."""
+    engines.close()  # the stock engine runs in a process of its own: one engine alive at a time
     np.savez(tmp_path / "clips.npz", **{uttid: clip for uttid, (clip, _) in heldout.items()})
     job = {
         "repo": str(repos["stock"]),
@@ -127,19 +124,16 @@ def test_stock_vllm_export_reaches_the_same_error_rate(repos, heldout, fp32_resu
     assert error_rate(heldout, stock_texts) <= max(MAX_ERROR_RATE, plugin_rate)
 
 
-def test_stereo_clips_in_either_axis_order_get_the_mono_transcript(repos, heldout):
+def test_stereo_clips_in_either_axis_order_get_the_mono_transcript(demo_llm, heldout):
     """The token limit comes from the samples, not `len()`: 2 for a channels-first (2, N) clip
     (which then stopped after one token)."""
     clips = [clip for clip, _ in list(heldout.values())[:2]]
-    llm = start_engine(repos["fp32"], "float32")
-    try:
-        mono = transcribe(llm, clips)
-        channels_first = transcribe(llm, [np.stack([clip, clip]) for clip in clips])
-        channels_last = transcribe(llm, [np.stack([clip, clip], axis=1) for clip in clips])
-        with pytest.raises(TypeError, match=r"\(key, waveform\) pairs.*enumerate"):
-            list(stream_transcriptions(llm, clips))
-    finally:
-        shutdown_engine(llm)
+    llm = demo_llm
+    mono = transcribe(llm, clips)
+    channels_first = transcribe(llm, [np.stack([clip, clip]) for clip in clips])
+    channels_last = transcribe(llm, [np.stack([clip, clip], axis=1) for clip in clips])
+    with pytest.raises(TypeError, match=r"\(key, waveform\) pairs.*enumerate"):
+        list(stream_transcriptions(llm, clips))
     assert all(len(text.split()) > 1 or len(text) > 1 for text in mono)
     assert channels_first == mono and channels_last == mono
 

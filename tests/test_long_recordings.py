@@ -3,15 +3,13 @@
 A three-minute recording of real speech pieces (clean espeak-ng digit strings
 between silences and noise), a 40 s stereo 44.1 kHz FLAC, a short clip, a long
 silence and broken files go through one wav.scp. The reference backend runs
-in-process for every output format; one vLLM run (a subprocess, as users run it)
-must give the reference's JSON lines byte for byte.
+in-process for every output format; one vLLM run (the CLI's Python entry on the
+suite's shared demo engine) must give the reference's JSON lines byte for byte.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,7 +21,6 @@ from conftest import CLEAN_SPEECH, speech_recording
 
 from fireredasr_converter import spec
 from fireredasr_vllm.audio_input import load_audio
-from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
 from fireredasr_vllm.scoring import read_kaldi_text, score
 from fireredasr_vllm.segmenter import SegmenterSettings, segment
 from fireredasr_vllm.transcribe import EXIT_PARTIAL, main
@@ -43,7 +40,7 @@ SCP_ORDER = ["long", "corrupt", "short", "silence", "broken_flac", "long_44k", "
 MILLISECOND_ROUNDING = 5e-4 + 1e-9
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def recordings(tmp_path_factory):
     folder = tmp_path_factory.mktemp("recordings")
     paths = {uttid: folder / f"{uttid}.wav" for uttid in SCP_ORDER}
@@ -75,13 +72,38 @@ def _resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
     return np.stack([np.interp(positions, np.arange(len(samples)), channel) for channel in samples.T], axis=1)
 
 
+# Every clip the reference backend decoded in this module's CLI runs: (samples, decoding) -> result.
+DECODED = {}
+
+
 def run(model, scp, output, *extra):
-    return CliRunner().invoke(
-        main, ["-m", str(model), "--wav-scp", str(scp), "-o", str(output), "--backend", "reference", "-q", *extra]
-    )
+    """The CLI with the reference backend, each distinct clip decoded once (DECODED).
+
+    The format, resume and refusal tests need decoded results, not more runs of the
+    model: the JSON lines run decodes every segment (~220 s of audio, one clip at a
+    time); the text, SRT and VTT runs and the resumes get the very results it decoded.
+    """
+    from fireredasr_vllm.transcribe import ReferenceBackend
+
+    decode = ReferenceBackend.transcribe
+
+    def transcribe(self, clips, decoding, *, batch_size):
+        for key, waveform in clips:
+            clip = (np.ascontiguousarray(waveform).tobytes(), repr(decoding))
+            if clip not in DECODED:
+                ((_, DECODED[clip]),) = decode(self, [(key, waveform)], decoding, batch_size=batch_size)
+            yield key, DECODED[clip]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ReferenceBackend, "transcribe", transcribe)
+        return CliRunner().invoke(
+            main, ["-m", str(model), "--wav-scp", str(scp), "-o", str(output), "--backend", "reference", "-q", *extra]
+        )
 
 
-@pytest.fixture(scope="module")
+# Session scope: conftest runs the vLLM test below with the other tests on the shared demo
+# engine, after this module's others; these would otherwise be made again for it.
+@pytest.fixture(scope="session")
 def reference_outputs(demo_fp32, recordings, tmp_path_factory):
     scp, _ = recordings
     folder = tmp_path_factory.mktemp("outputs")
@@ -129,9 +151,9 @@ def test_segments_respect_the_limits_and_match_the_segmenter(reference_outputs, 
     assert transcripts["silence"]["segments"] == [] and transcripts["silence"]["text"] == ""
 
 
-def test_each_segment_reads_as_its_samples_transcribed_alone(reference_outputs, recordings, demo_fp32):
+def test_each_segment_reads_as_its_samples_transcribed_alone(reference_outputs, recordings, demo_reference):
     _, paths = recordings
-    reference = ReferenceFireRedAsrLlm.from_pretrained(demo_fp32)
+    reference = demo_reference
     transcripts = records(reference_outputs["jsonl"][1])
     audio = load_audio(str(paths["long"]))
     segments = list(segment(audio))
@@ -209,15 +231,16 @@ def test_subtitles_need_a_folder_and_existing_files_need_resume_or_overwrite(ref
 
 
 @pytest.mark.vllm
-def test_vllm_gives_the_reference_json_lines(demo_fp32, recordings, reference_outputs, tmp_path):
+def test_vllm_gives_the_reference_json_lines(demo_fp32, recordings, reference_outputs, tmp_path, demo_llm,
+                                             transcribe_in_process):  # fmt: skip
+    # The CLI's Python entry on the suite's demo engine (the settings the CLI asks for by default).
     scp, _ = recordings
     output = tmp_path / "vllm.jsonl"
-    command = [sys.executable, "-m", "fireredasr_vllm.transcribe", "-m", str(demo_fp32), "--wav-scp", str(scp),
-               "-o", str(output), "--format", "jsonl", "--batch-size", "8"]  # fmt: skip
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert completed.returncode == EXIT_PARTIAL, completed.stderr[-3000:]
+    result = CliRunner().invoke(main, ["-m", str(demo_fp32), "--wav-scp", str(scp), "-o", str(output),
+                                       "--format", "jsonl", "--batch-size", "8"])  # fmt: skip
+    assert result.exit_code == EXIT_PARTIAL, result.output[-3000:]
     assert output.read_bytes() == reference_outputs["jsonl"][1].read_bytes()
-    assert "s of audio" in completed.stderr and "RTF" in completed.stderr
+    assert "s of audio" in result.output and "RTF" in result.output
 
 
 def test_segment_always_sends_short_recordings_through_the_detector(demo_fp32, tmp_path):

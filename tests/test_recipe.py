@@ -29,8 +29,6 @@ from fireredasr_vllm.decoding import GREEDY, ORIGINAL_RECIPE, Decoding
 from fireredasr_vllm.offline import (
     Transcript,
     _check_penalty_processor,
-    create_engine,
-    shutdown_engine,
     transcriptions,
 )
 from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
@@ -256,16 +254,6 @@ def test_a_penalty_needs_the_processor_in_the_engine():
 
 
 @pytest.fixture(scope="module")
-def demo_repo(tmp_path_factory):
-    from fireredasr_converter.pipeline import convert
-    from fireredasr_vllm import demo
-
-    out = tmp_path_factory.mktemp("recipe") / "demo-fp32"
-    convert(demo.RELEASE_DIR, out, dtype="fp32")
-    return out
-
-
-@pytest.fixture(scope="module")
 def recipe_clips() -> dict[str, np.ndarray]:
     """12 held-out clips of different lengths, cuts short enough that N ends decoding, and clips said twice.
 
@@ -286,21 +274,9 @@ def recipe_clips() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def reference(demo_repo):
-    return ReferenceFireRedAsrLlm.from_pretrained(demo_repo)
-
-
-@pytest.fixture(scope="module")
-def llm(demo_repo):
-    # apply_model sends a function to the engine (the encoder count below).
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-        env.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
-        # Statistics on: the prefix-cache test reads the engine's hit counters.
-        engine = create_engine(demo_repo, penalty_processor=True, dtype="float32", enforce_eager=True, seed=0, gpu_memory_utilization=0.2,
-                               disable_log_stats=False)  # fmt: skip
-        yield engine
-        shutdown_engine(engine)
+def llm(recipe_llm):
+    """The suite's demo engine with the penalty processor, built by `create_engine` in this process."""
+    return recipe_llm
 
 
 @pytest.mark.vllm
@@ -338,9 +314,9 @@ def token_ids(results) -> dict[str, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def reference_recipe(reference, recipe_clips):
+def reference_recipe(demo_reference, recipe_clips):
     return {
-        key: reference.generate_ids(clip, num_beams=3, repetition_penalty=3.0, length_penalty=1.0)
+        key: demo_reference.generate_ids(clip, num_beams=3, repetition_penalty=3.0, length_penalty=1.0)
         for key, clip in recipe_clips.items()
     }
 
@@ -355,21 +331,21 @@ def limits(recipe_clips) -> dict[str, int]:
 
 
 @pytest.mark.vllm
-def test_greedy_with_penalty_matches_reference(llm, reference, recipe_clips):
+def test_greedy_with_penalty_matches_reference(llm, demo_reference, recipe_clips):
     got = token_ids(transcriptions(llm, recipe_clips.items(), Decoding(repetition_penalty=3.0)))
-    expected = {key: reference.generate_ids(clip, repetition_penalty=3.0) for key, clip in recipe_clips.items()}
+    expected = {key: demo_reference.generate_ids(clip, repetition_penalty=3.0) for key, clip in recipe_clips.items()}
     assert got == expected
     # Plain greedy differs somewhere: the penalty really acts.
     plain = token_ids(transcriptions(llm, recipe_clips.items(), GREEDY))
     assert plain != got
-    assert plain == {key: reference.generate_ids(clip) for key, clip in recipe_clips.items()}
+    assert plain == {key: demo_reference.generate_ids(clip) for key, clip in recipe_clips.items()}
 
 
 @pytest.mark.vllm
-def test_recipe_matches_reference(vllm_recipe, reference_recipe, recipe_clips, reference):
+def test_recipe_matches_reference(vllm_recipe, reference_recipe, recipe_clips, demo_reference):
     assert vllm_recipe == reference_recipe
     n = limits(recipe_clips)
-    eos = reference.eos_token_id
+    eos = demo_reference.eos_token_id
     on_eos = [k for k, ids in reference_recipe.items() if ids[-1] == eos and len(ids) < n[k]]
     at_n = [k for k, ids in reference_recipe.items() if len(ids) == n[k]]
     # Both endings occur: hypotheses finished on <|im_end|> before N, and N reached.
@@ -377,10 +353,10 @@ def test_recipe_matches_reference(vllm_recipe, reference_recipe, recipe_clips, r
 
 
 @pytest.mark.vllm
-def test_beam_without_penalty_matches_reference(llm, reference, recipe_clips, vllm_recipe):
+def test_beam_without_penalty_matches_reference(llm, demo_reference, recipe_clips, vllm_recipe):
     decoding = Decoding(beam_size=3, length_penalty=1.0)
     got = token_ids(transcriptions(llm, recipe_clips.items(), decoding))
-    assert got == {key: reference.generate_ids(clip, num_beams=3) for key, clip in recipe_clips.items()}
+    assert got == {key: demo_reference.generate_ids(clip, num_beams=3) for key, clip in recipe_clips.items()}
     # Here the recipe gives the same ids: inside beam search transformers penalises
     # log-probabilities, and a confident token's (about -0.001) barely moves when
     # tripled. The tiny random model's test above is where the penalty changes results.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,8 +74,10 @@ def expected_text(converted_fp32, wav_scp):
 @pytest.fixture(scope="module")
 def vllm_run(converted_fp32, wav_scp, tmp_path_factory):
     output = tmp_path_factory.mktemp("vllm-run") / "text"
+    # The suite's one run of the console script in its own process, as users run it (its
+    # own engine); the other CLI tests call its Python entry on the suite's shared engines.
     command = [
-        sys.executable, "-m", "fireredasr_vllm.transcribe",
+        str(Path(sys.executable).parent / "fireredasr-transcribe"),
         "--model", str(converted_fp32), "--wav-scp", str(wav_scp), "--output", str(output),
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=900)
@@ -222,15 +225,16 @@ def test_recipe_original_is_a_shorthand_that_takes_no_overrides(demo_fp32, tmp_p
 
 
 @pytest.mark.vllm
-def test_vllm_recipe_gives_the_reference_transcripts(demo_fp32, tmp_path):
+def test_vllm_recipe_gives_the_reference_transcripts(demo_fp32, tmp_path, recipe_llm, transcribe_in_process):
+    # Both backends through the CLI's Python entry; the vLLM one on the suite's engine with the
+    # penalty processor, the one the CLI asks create_engine for (same model and settings).
     scp = _demo_wav_scp(tmp_path)
     outputs = {}
     for backend in ("reference", "vllm"):
         outputs[backend] = tmp_path / f"{backend}.text"
-        command = [sys.executable, "-m", "fireredasr_vllm.transcribe", "-m", str(demo_fp32), "--wav-scp", str(scp),
-                   "-o", str(outputs[backend]), "--backend", backend, "--recipe", "original", "-q"]  # fmt: skip
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=900)
-        assert completed.returncode == 0, completed.stderr[-3000:]
+        result = CliRunner().invoke(main, ["-m", str(demo_fp32), "--wav-scp", str(scp), "-o", str(outputs[backend]),
+                                           "--backend", backend, "--recipe", "original", "-q"])  # fmt: skip
+        assert result.exit_code == 0, result.output[-3000:]
     assert outputs["vllm"].read_text(encoding="utf-8") == outputs["reference"].read_text(encoding="utf-8")
     assert len(outputs["vllm"].read_text(encoding="utf-8").splitlines()) == 12
 

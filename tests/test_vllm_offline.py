@@ -1,6 +1,7 @@
 """The vLLM plugin through `LLM(model=OUT)` against the reference implementation.
 
-One fp32 engine on the tiny converted fixture serves the whole module. Greedy
+One fp32 engine on the tiny converted fixture (conftest's `tiny_llm`, the suite's
+shared engine) serves the module. Greedy
 decoding with `max_tokens = N` is what the reference does by default (it stops at
 `<|im_end|>` or after N tokens), so both sides produce the same number of tokens.
 """
@@ -18,22 +19,19 @@ from vllm_helpers import (
     PARITY_CLIP_SAMPLES,
     assert_top_logprobs_close,
     speech_embedding_count,
-    start_engine,
 )
 
 from fireredasr_converter import spec
 from fireredasr_converter.fixtures import synthetic_speech
 from fireredasr_converter.pipeline import convert
-from fireredasr_vllm.offline import Transcript, shutdown_engine, stream_transcriptions
+from fireredasr_vllm.offline import Transcript, stream_transcriptions
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def llm(converted_fp32):
-    engine = start_engine(converted_fp32, "float32")
-    yield engine
-    shutdown_engine(engine)
+def llm(tiny_llm):
+    return tiny_llm
 
 
 @pytest.fixture(scope="module")
@@ -191,20 +189,17 @@ def test_bad_input_is_refused_and_the_engine_keeps_serving(case, llm, clips, one
     assert output.outputs[0].token_ids == one_at_a_time[16000].outputs[0].token_ids
 
 
-def test_bf16_checkpoint_loads_and_transcribes(tiny_release, tmp_path):
+def test_bf16_checkpoint_loads_and_transcribes(tiny_release, tmp_path, engines):
     repo = tmp_path / "bf16"
     convert(tiny_release.model_dir, repo, dtype="bf16")
     num_samples = 16000
     num_embeddings = speech_embedding_count(num_samples)
-    engine = start_engine(repo, "bfloat16")
-    try:
-        output = engine.generate(
-            transcription_request(synthetic_speech(num_samples)),
-            SamplingParams(temperature=0.0, max_tokens=num_embeddings, ignore_eos=True, logprobs=1),
-            use_tqdm=False,
-        )[0]
-    finally:
-        shutdown_engine(engine)
+    engine = engines.get(repo, dtype="bfloat16")
+    output = engine.generate(
+        transcription_request(synthetic_speech(num_samples)),
+        SamplingParams(temperature=0.0, max_tokens=num_embeddings, ignore_eos=True, logprobs=1),
+        use_tqdm=False,
+    )[0]
     speech_token_id = engine.get_tokenizer().convert_tokens_to_ids(spec.SPEECH_TOKEN)
     assert output.prompt_token_ids.count(speech_token_id) == num_embeddings
     assert len(output.outputs[0].token_ids) == num_embeddings
@@ -233,20 +228,17 @@ def test_a_clip_vllm_refuses_is_reported_and_the_stream_goes_on(llm, clips):
     assert results["short"].token_ids == results["short again"].token_ids
 
 
-def test_compiled_engine_gives_the_eager_and_reference_tokens(converted_fp32, clips, one_at_a_time, reference):
+def test_compiled_engine_gives_the_eager_and_reference_tokens(converted_fp32, clips, one_at_a_time, reference, engines):
     """GPUs run vLLM's compiled language model (torch.compile, CUDA graphs); the suite's other engines run eager.
 
     A compiled CPU engine goes through the same compilation of the plugin's
     forward and must decode exactly what the eager engine and the reference do.
     """
-    compiled = start_engine(converted_fp32, "float32", enforce_eager=False)
-    try:
-        assert not compiled.llm_engine.model_config.enforce_eager
-        requests = [transcription_request(waveform) for waveform in clips.values()]
-        params = [greedy(num_samples) for num_samples in clips]
-        outputs = compiled.generate(requests, params, use_tqdm=False)
-    finally:
-        shutdown_engine(compiled)
+    compiled = engines.get(converted_fp32, dtype="float32", enforce_eager=False)
+    assert not compiled.llm_engine.model_config.enforce_eager
+    requests = [transcription_request(waveform) for waveform in clips.values()]
+    params = [greedy(num_samples) for num_samples in clips]
+    outputs = compiled.generate(requests, params, use_tqdm=False)
     for (num_samples, waveform), output in zip(clips.items(), outputs):
         token_ids = list(output.outputs[0].token_ids)
         assert token_ids == list(one_at_a_time[num_samples].outputs[0].token_ids), num_samples

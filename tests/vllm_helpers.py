@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from tolerances import float32_atol, speech_encoder_reduction_length
@@ -22,14 +24,49 @@ ENGINE_KWARGS = {
     "seed": 0,
 }
 
-def start_engine(repo, dtype: str, **overrides):
-    """An in-process vLLM engine on a converted repo, with the CPU settings above."""
-    from vllm import LLM
+class Engines:
+    """The suite's vLLM engines, built with the product's `create_engine`: at most one alive at a time.
 
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in CPU_ENGINE_ENV.items():
-            env.setenv(name, value)
-        return LLM(model=str(repo), dtype=dtype, **{**ENGINE_KWARGS, **overrides})
+    `get(model, **settings)` hands back the live engine when it was built for the same
+    model and settings, and otherwise shuts it down and builds the one asked for. The
+    settings are completed with `create_engine`'s and the CLI's defaults before they are
+    compared, so a test asking for `dtype="float32"` and `fireredasr-transcribe` on the same
+    repo (through `transcribe_in_process`) share one engine. conftest orders the tests by
+    the engine they use, so each engine starts once per run.
+    """
+
+    DEFAULTS = {"penalty_processor": False, "dtype": "auto", "max_model_len": MAX_MODEL_LEN, "tensor_parallel_size": 1, "seed": 0}
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.engine = None
+        self.started: list[tuple] = []  # every engine built, in order: what tests/test_engines.py checks
+
+    def get(self, model, **settings):
+        from fireredasr_vllm.offline import create_engine
+
+        settings = {**self.DEFAULTS, **settings}
+        key = (str(Path(model).resolve()), tuple(sorted(settings.items())))
+        if self.engine is not None and key == self.key:
+            return self.engine
+        self.close()
+        with pytest.MonkeyPatch.context() as env:
+            # test_recipe sends a function to the engine with apply_model (its encoder count).
+            env.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+            # The engine core in this process, as create_engine builds it for users on CPU.
+            env.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+            # Statistics on: test_recipe's prefix-cache test reads the engine's hit counters.
+            self.engine = create_engine(model, disable_log_stats=False, **settings)
+        self.key = key
+        self.started.append(key)
+        return self.engine
+
+    def close(self) -> None:
+        from fireredasr_vllm.offline import shutdown_engine
+
+        if self.engine is not None:
+            engine, self.engine, self.key = self.engine, None, None
+            shutdown_engine(engine)
 
 
 # Clip lengths in samples at 16 kHz. Together they cover every residue of the fbank
