@@ -431,3 +431,13 @@ def test_model_card_update_ignores_a_planted_symlink(repo, tmp_path):
     assert point_model_card_at(repo, "my-org/elsewhere")
     assert victim.read_text() == "keep me"
     assert "vllm serve my-org/elsewhere" in (repo / "README.md").read_text()
+
+
+def test_a_repo_with_deeply_nested_json_is_one_line_for_the_transcriber(repo, tmp_path):
+    (repo / "config.json").write_text(DEEP_JSON)
+    clip = tmp_path / "a.wav"
+    sf.write(clip, synthetic_speech(16000, seed=1), 16000)
+    result = CliRunner().invoke(transcribe_main, ["-m", str(repo), str(clip), "-q"])
+    assert result.exit_code == EXIT_NOTHING, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "cannot load" in error[0], result.output
