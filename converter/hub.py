@@ -1,8 +1,10 @@
 """Pushing a converted repo to the Hugging Face Hub: check it, upload it, compare the Hub's copy with it.
 
 `push_to_hub` does the work with an `HfApi` handed to it (tests hand it a fake)
-and raises; `describe_hub_error` turns a failure into one line naming the cause
-and the fix, `mask_tokens` hides tokens in it. The command-line side (options,
+and raises; `check_converted_repo` applies the converter's rules again to a
+folder that may have been made or edited elsewhere (docs/security.md);
+`describe_hub_error` turns a failure into one line naming the cause and the
+fix, `mask_tokens` hides tokens in it. The command-line side (options,
 token lookup, printing, exit status) is in `hub_cli`, not here.
 """
 
