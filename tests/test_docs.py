@@ -39,6 +39,33 @@ def test_the_pages_have_blocks_to_run():
     assert sum(block.mode != "skip" for block in ALL_BLOCKS) >= 10
 
 
+def test_the_convention_is_enforced(tmp_path, monkeypatch):
+    import doc_blocks
+
+    monkeypatch.setattr(doc_blocks, "REPO", tmp_path)
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```bash\nfireredasr-score a b\n```\n\n"
+        "<!-- doc-test: skip: -->\n```python\nprint(1)\n```\n\n"
+        "<!-- doc-test: cpu -->\n```sh\necho ok\n```\n\n"
+        "```text\nnot a command\n```\n"
+    )
+    found = blocks(page)
+    assert [(b.line, b.language, b.mode) for b in found] == [(1, "shell", None), (6, "python", "skip"), (11, "shell", "cpu")]
+    problems = [marker_problems(b) for b in found]
+    assert "without a marker" in problems[0][0] and "needs its reason" in problems[1][0] and problems[2] == []
+
+
+def test_only_plain_calls_of_the_project_scripts_run_in_process():
+    from doc_blocks import _plain_call
+
+    scripts = {"fireredasr-transcribe": "fireredasr_vllm.transcribe:main"}
+    assert _plain_call("fireredasr-transcribe -m ./out a.wav   # to stdout", scripts) == ["fireredasr-transcribe", "-m", "./out", "a.wav"]
+    for command in ("fireredasr-transcribe -m ./out a.wav > text", "X=1 fireredasr-transcribe a.wav",
+                    "fireredasr-transcribe $ARGS", "python setup_fireredasr.py --demo .demo"):
+        assert _plain_call(command, scripts) is None, command
+
+
 @pytest.mark.parametrize("block", SKIPPED, ids=[block.where for block in SKIPPED])
 def test_skipped_block(block):
     pytest.skip(f"{block.where}: {block.reason}")
