@@ -50,6 +50,12 @@ class Engines:
         if self.engine is not None and key == self.key:
             return self.engine
         self.close()
+        # vLLM caches rotary embeddings process-wide by shape and dtype; test_model_runner_v2
+        # builds a model on the meta device, whose cached meta tables a later in-process
+        # engine of the same shape would reuse ("Cannot copy out of meta tensor").
+        from vllm.model_executor.layers import rotary_embedding
+
+        rotary_embedding._ROPE_DICT.clear()
         with pytest.MonkeyPatch.context() as env:
             # test_recipe sends a function to the engine with apply_model (its encoder count).
             env.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
