@@ -7,6 +7,8 @@ adapter's downsample rate and the id of the `<speech>` token.
 
 from __future__ import annotations
 
+import math
+
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto import CONFIG_MAPPING
 
@@ -16,6 +18,14 @@ MODEL_TYPE = "fireredasr_llm"
 ENCODER_MODEL_TYPE = "fireredasr_conformer"
 # The vLLM model class the plugin registers; written into `architectures`.
 ARCHITECTURE = "FireRedAsrLlmForConditionalGeneration"
+
+
+def _check_integers(config_name: str, minimum: int, **values) -> None:
+    """A repo's config.json is data from elsewhere: each value must be an integer in
+    [minimum, 2**31), so a NaN, a string or 0 is refused where it enters, not deep inside the model."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < 2**31:
+            raise ValueError(f"{config_name}: {name} is {str(value)[:40]!r}, not an integer >= {minimum}")
 
 
 class FireRedAsrEncoderConfig(PretrainedConfig):
@@ -41,6 +51,15 @@ class FireRedAsrEncoderConfig(PretrainedConfig):
         layer_norm_eps: float = 1e-5,
         **kwargs,
     ):
+        _check_integers(
+            "encoder_config", 1, idim=idim, n_layers=n_layers, n_head=n_head, d_model=d_model, kernel_size=kernel_size,
+            subsampling_channels=subsampling_channels, subsampling_rate=subsampling_rate,
+            relative_position_max_len=relative_position_max_len,
+        )  # fmt: skip
+        if isinstance(layer_norm_eps, bool) or not isinstance(layer_norm_eps, (int, float)) or not (
+            math.isfinite(layer_norm_eps) and 0 < layer_norm_eps < 1
+        ):
+            raise ValueError(f"encoder_config: layer_norm_eps is {str(layer_norm_eps)[:40]!r}, not a number in (0, 1)")
         self.idim = idim
         self.n_layers = n_layers
         self.n_head = n_head
@@ -67,6 +86,8 @@ class FireRedAsrLlmConfig(PretrainedConfig):
         speech_token_id: int = 151646,
         **kwargs,
     ):
+        _check_integers("config", 1, encoder_downsample_rate=encoder_downsample_rate)
+        _check_integers("config", 0, speech_token_id=speech_token_id)
         if isinstance(encoder_config, dict):
             encoder_config = FireRedAsrEncoderConfig(**encoder_config)
         elif encoder_config is None:

@@ -441,3 +441,16 @@ def test_a_repo_with_deeply_nested_json_is_one_line_for_the_transcriber(repo, tm
     assert result.exit_code == EXIT_NOTHING, result.output
     error = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and "cannot load" in error[0], result.output
+
+
+@pytest.mark.parametrize(("key", "value"), [("encoder_downsample_rate", "two"), ("encoder_downsample_rate", 0)])
+def test_a_repo_with_a_bad_size_in_its_config_is_one_line_for_the_transcriber(repo, tmp_path, key, value):
+    config = json.loads((repo / "config.json").read_text())
+    config[key] = value
+    (repo / "config.json").write_text(json.dumps(config))
+    clip = tmp_path / "a.wav"
+    sf.write(clip, synthetic_speech(16000, seed=1), 16000)
+    result = CliRunner().invoke(transcribe_main, ["-m", str(repo), str(clip), "-q", "--backend", "reference"])
+    assert result.exit_code == EXIT_NOTHING, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and key in error[0], result.output
