@@ -28,7 +28,7 @@ from fireredasr_vllm.beam_search import ClipBeamSearch, FinishedHypotheses, pena
 from fireredasr_vllm.decoding import GREEDY, ORIGINAL_RECIPE, Decoding
 from fireredasr_vllm.offline import (
     Transcript,
-    _check_penalty_processor,
+    check_penalty_processor,
     transcriptions,
 )
 from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
@@ -243,11 +243,11 @@ def test_a_penalty_needs_the_processor_in_the_engine():
         return SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=config))
 
     with pytest.raises(ValueError, match="logits_processors"):
-        _check_penalty_processor(engine_with(None))
+        check_penalty_processor(engine_with(None))
     from fireredasr_vllm.repetition_penalty import HFRepetitionPenalty
 
-    _check_penalty_processor(engine_with([HFRepetitionPenalty]))
-    _check_penalty_processor(engine_with(["fireredasr_vllm.repetition_penalty:HFRepetitionPenalty"]))
+    check_penalty_processor(engine_with([HFRepetitionPenalty]))
+    check_penalty_processor(engine_with(["fireredasr_vllm.repetition_penalty:HFRepetitionPenalty"]))
 
 
 # --- the plugin against the reference on the demo model ----------------------------

@@ -61,6 +61,7 @@ import numpy as np
 from fireredasr_converter import spec
 
 from .decoding import Decoding
+from .engine import Transcript, clip_token_limit, decode, num_samples, request_errors, transcription_request
 
 Key = TypeVar("Key", bound=Hashable)
 
@@ -339,8 +340,6 @@ def batched_beam_search(
     `max_new_tokens=None` is the original's per-clip limit N.
     """
     from vllm import RequestOutput
-
-    from .offline import Transcript, clip_token_limit, decode, num_samples, request_errors, transcription_request
 
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
