@@ -34,8 +34,7 @@ from fireredasr_converter.pipeline import convert
 from fireredasr_converter.repo_format import dtype_name
 from fireredasr_converter.release import CMVN_FILE, ENCODER_CHECKPOINT, MODEL_CHECKPOINT, QWEN2_FOLDER
 from fireredasr_vllm import demo
-from fireredasr_vllm.offline import DEFAULT_MAX_MODEL_LEN
-from fireredasr_vllm.transcribe import quiet_vllm_logs
+from fireredasr_vllm.engine import DEFAULT_MAX_MODEL_LEN, quiet_vllm_logs
 
 SMOKE_CLIP_SECONDS = (1, 3, 5)
 
@@ -161,13 +160,15 @@ def next_steps(out: Path, dtype: str, audio_folder: Path | None) -> str:
 
 
 def transcribe_with_vllm(out: Path, dtype: str, clips: list) -> list[str]:
-    from fireredasr_vllm.offline import create_engine, shutdown_engine, transcribe
+    """Transcripts of 16 kHz clips through the Python API, in order; the first error is raised."""
+    from fireredasr_vllm import FireRedAsr
 
-    llm = create_engine(out, dtype=dtype)
-    try:
-        return transcribe(llm, clips)
-    finally:
-        shutdown_engine(llm)
+    with FireRedAsr(out, dtype=dtype) as asr:
+        results = [result for _, result in asr.transcribe_many([(clip, 16000) for clip in clips])]
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return [result.text for result in results]
 
 
 def smoke_transcription(out: Path, dtype: str) -> None:

@@ -28,8 +28,9 @@ from packaging.version import Version
 
 import fireredasr_converter
 import fireredasr_vllm
-from fireredasr_vllm import transcribe, vllm_support
+from fireredasr_vllm import decoders, vllm_support
 from fireredasr_vllm.decoding import GREEDY, ORIGINAL_RECIPE, Decoding
+from fireredasr_vllm.engine import engine_settings
 from fireredasr_vllm.offline import transcriptions
 from fireredasr_vllm.repetition_penalty import HAS_V1_RUNNER, HFRepetitionPenalty
 
@@ -109,15 +110,17 @@ def test_v1_runner_exists_exactly_before_0_34():
     [(GREEDY, False), (Decoding(beam_size=3), False), (Decoding(repetition_penalty=3.0), True), (ORIGINAL_RECIPE, True)],
     ids=["greedy", "beam", "greedy-penalty", "recipe"],
 )
-def test_the_cli_engine_gets_the_penalty_processor_only_when_the_decoding_needs_it(decoding, registered, monkeypatch):
+def test_engines_get_the_penalty_processor_only_when_the_decoding_needs_it(decoding, registered, monkeypatch):
+    # engine_settings is what the CLI, the API and the Ray replicas (VllmBackend) build engines with.
+    assert engine_settings(decoding, dtype="float32")["penalty_processor"] is registered
     built = {}
 
     def fake_create_engine(model, **settings):
         built.update(settings, model=model)
         return object()
 
-    monkeypatch.setattr(transcribe, "create_engine", fake_create_engine)
-    transcribe.VllmBackend("repo", dtype="float32", decoding=decoding, tensor_parallel_size=1, seed=0)
+    monkeypatch.setattr(decoders, "create_engine", fake_create_engine)
+    decoders.VllmBackend("repo", dtype="float32", decoding=decoding, tensor_parallel_size=1, seed=0)
     assert built["model"] == "repo" and built["penalty_processor"] is registered
     assert decoding.needs_penalty_processor is registered
 

@@ -1,11 +1,43 @@
-"""vLLM plugin for converted FireRedASR-LLM repos.
+"""vLLM plugin for converted FireRedASR-LLM repos, and the Python API on top of it.
 
 Installing this project registers `register` under vLLM's `vllm.general_plugins`
 entry point group, so `LLM(model=OUT)` and `vllm serve OUT` find the model class
 named in a converted repo's `config.json` without any change to vLLM.
+
+`FireRedAsr(OUT).transcribe(audio)` transcribes audio of any length (`api.py`);
+its names are importable from here and loaded on first use, so vLLM's processes,
+which import this package to call `register`, do not load the API's modules.
 """
 
+from __future__ import annotations
+
+import importlib
+
 MODEL_CLASS_PATH = "fireredasr_vllm.model:FireRedAsrLlmForConditionalGeneration"
+
+# The public API: name -> the module that holds it.
+_API = {
+    "FireRedAsr": "api",
+    "Transcription": "api",
+    "TranscriptionInfo": "api",
+    "TimedText": "transcript_formats",
+    "Decoding": "decoding",
+    "GREEDY": "decoding",
+    "ORIGINAL_RECIPE": "decoding",
+    "SegmenterSettings": "segmenter",
+    "TranscriptionError": "errors",
+    "AudioError": "errors",
+    "TooLongForModel": "errors",
+    "EngineError": "errors",
+    "TranscriptionFailed": "errors",
+}
+__all__ = ["register", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register() -> None:

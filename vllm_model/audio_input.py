@@ -26,6 +26,8 @@ import numpy as np
 
 from fireredasr_converter import spec
 
+from .errors import AudioError, InputError
+
 # Extensions a folder input collects: the formats libsndfile reads.
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 # Source frames read at once by `read_blocks`.
@@ -41,18 +43,27 @@ _FORBIDDEN_ID_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
 _SCP_FIELDS = re.compile(r"[ \t]+")
 
 
-class InputError(ValueError):
-    """Bad input lists (duplicate ids, unreadable wav.scp): fatal, before any decoding."""
+@dataclass(frozen=True, eq=False)
+class Waveform:
+    """Audio held in memory: `samples` (1-D, floating point, in [-1, 1]) at `rate` Hz.
 
+    Read like a file (`read_blocks`): averaged nowhere (it must be mono already),
+    resampled to 16 kHz with the files' resampler. `name` stands for it in messages.
+    """
 
-class AudioError(ValueError):
-    """One file's audio cannot be transcribed; the file is skipped."""
+    samples: np.ndarray
+    rate: int
+    name: str = "the audio array"
+
+    def __str__(self) -> str:
+        return self.name
 
 
 @dataclass(frozen=True)
 class Utterance:
     uttid: str
-    path: str
+    # A file, or audio already in memory (`FireRedAsr.transcribe_many`).
+    path: str | Waveform
 
 
 # --- lists of files -----------------------------------------------------------
@@ -222,8 +233,8 @@ class _Resampler:
         return np.pad(out, (0, max(expected - len(out), 0))).astype(np.float32)
 
 
-def read_blocks(path: str, block_seconds: float = BLOCK_SECONDS) -> Iterator[np.ndarray]:
-    """The file as consecutive blocks of 16 kHz mono float32 samples in [-1, 1].
+def read_blocks(path: str | Waveform, block_seconds: float = BLOCK_SECONDS) -> Iterator[np.ndarray]:
+    """The file (or the audio in memory) as consecutive blocks of 16 kHz mono float32 samples in [-1, 1].
 
     Raises AudioError before the first block when the file cannot be opened or
     holds no samples, and while reading when its stream is corrupt or ends
@@ -231,6 +242,9 @@ def read_blocks(path: str, block_seconds: float = BLOCK_SECONDS) -> Iterator[np.
     """
     import soundfile
 
+    if isinstance(path, Waveform):
+        yield from _waveform_blocks(path, block_seconds)
+        return
     with _open(path) as file:
         if file.frames == 0:
             raise AudioError(f"{path} holds no samples")
@@ -268,3 +282,33 @@ def read_blocks(path: str, block_seconds: float = BLOCK_SECONDS) -> Iterator[np.
 def load_audio(path: str) -> np.ndarray:
     """A whole file as 16 kHz mono float32 in [-1, 1], or AudioError naming the problem."""
     return np.concatenate(list(read_blocks(path)))
+
+
+def _waveform_blocks(waveform: Waveform, block_seconds: float) -> Iterator[np.ndarray]:
+    samples, rate = waveform.samples, waveform.rate
+    if not isinstance(samples, np.ndarray) or samples.ndim != 1:
+        raise AudioError(f"{waveform}: give mono samples as a 1-D numpy array, got {_shape_of(samples)}; downmix it first")
+    if not np.issubdtype(samples.dtype, np.floating):
+        raise AudioError(f"{waveform}: give floating-point samples in [-1, 1], got {samples.dtype} (int16: divide by 32768)")
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
+        raise AudioError(f"{waveform}: the sampling rate must be a positive integer (Hz), got {rate!r}")
+    if len(samples) == 0:
+        raise AudioError(f"{waveform} holds no samples")
+    step = max(1, int(block_seconds * rate))
+    resample = _Resampler(int(rate)) if rate != spec.SAMPLE_RATE else None
+    for start in range(0, len(samples), step):
+        block = samples[start : start + step]
+        if not np.isfinite(block).all():
+            raise AudioError(f"{waveform} holds NaN or infinite samples (from {start / rate:.2f} s on)")
+        out = resample(block) if resample else np.ascontiguousarray(block, dtype=np.float32)
+        if len(out):
+            yield np.ascontiguousarray(out, dtype=np.float32)
+    if resample:
+        tail = resample.flush()
+        if len(tail):
+            yield tail
+
+
+def _shape_of(samples) -> str:
+    shape = getattr(samples, "shape", None)
+    return f"shape {tuple(shape)}" if shape is not None else type(samples).__name__

@@ -1,12 +1,13 @@
 """Recordings of any length through one decoder: files -> segments -> clips -> per-file transcripts.
 
-Holds the long-form pipeline `fireredasr-transcribe` runs: a background thread
-reads each file block by block and cuts it into segments the model takes
+Holds the long-form pipeline `FireRedAsr.transcribe_many` (hence
+`fireredasr-transcribe`) and the Ray replicas run: a background thread reads
+each file (or array) block by block and cuts it into segments the model takes
 (`fireredasr_vllm.segmenter`); every file's segments go to the decoder as one
-stream of clips, so continuous batching keeps the engine full across file
-boundaries; results come back in any order and are gathered per file, and a
-file is handed on as a `RecordingTranscript` once each of its segments is
-decoded. Does not read lists of files, decode, or write outputs.
+stream of clips (`decoded_recordings`), so continuous batching keeps the engine
+full across file boundaries; results come back in any order and are gathered
+per file, and a file is handed on as a `RecordingTranscript` once each of its
+segments is decoded. Does not read lists of files, decode, or write outputs.
 
 Memory for audio is bounded whatever a file's length: the segments queued
 ahead of the decoder (`QUEUED_SEGMENTS`), the segmenter's look-ahead (about
@@ -20,12 +21,15 @@ import queue
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from fireredasr_converter import spec
 
-from .audio_input import AudioError, Utterance, read_blocks
+from .audio_input import Utterance, Waveform, read_blocks
+from .decoding import Decoding
+from .errors import AudioError
 from .segmenter import Segment, SegmenterSettings, SegmentStream
 from .transcript_formats import RecordingTranscript, TimedText
 
@@ -58,7 +62,7 @@ class FileFailed:
 
 
 def file_segments(
-    path: str, settings: SegmenterSettings, mode: str, validate: Callable[[np.ndarray], None]
+    path: str | Waveform, settings: SegmenterSettings, mode: str, validate: Callable[[np.ndarray], None]
 ) -> Generator[tuple[Segment, np.ndarray], None, int]:
     """Yields a file's segments with their samples; returns its length in samples.
 
@@ -157,7 +161,7 @@ def in_background(events: Iterator, depth: int = QUEUED_SEGMENTS) -> Iterator:
 @dataclass
 class _Recording:
     uttid: str
-    texts: dict[int, tuple[Segment, str]] = field(default_factory=dict)
+    texts: dict[int, tuple[Segment, str, tuple[int, ...]]] = field(default_factory=dict)
     expected: int | None = None  # segments, once the file is fully read
     decoded: int = 0
     num_samples: int = 0
@@ -195,7 +199,7 @@ class Assembler:
             if isinstance(event, SegmentReady):
                 if event.file not in self.failed:
                     self.covers[(event.file, event.number)] = event.skipped + event.segment.num_samples
-                    recording.texts[event.number] = (event.segment, "")
+                    recording.texts[event.number] = (event.segment, "", ())
                     yield (event.file, event.number), event.samples
             elif isinstance(event, FileFailed):
                 self._fail(event.file, event.error)
@@ -213,8 +217,9 @@ class Assembler:
             return
         self.on_audio(covered / spec.SAMPLE_RATE)
         recording = self.recordings[file]
-        seg, _ = recording.texts[number]
-        recording.texts[number] = (seg, outcome.text)
+        seg, _, _ = recording.texts[number]
+        # A Ray replica's answer carries the text only.
+        recording.texts[number] = (seg, outcome.text, tuple(getattr(outcome, "token_ids", ())))
         recording.decoded += 1
         self._check(file)
 
@@ -233,10 +238,69 @@ class Assembler:
             return
         del self.recordings[file]
         # The audio after the last segment (silence left out) is accounted for now.
-        last_end = max((seg.end for seg, _ in recording.texts.values()), default=0)
+        last_end = max((seg.end for seg, _, _ in recording.texts.values()), default=0)
         self.on_audio((recording.num_samples - last_end) / spec.SAMPLE_RATE)
         segments = tuple(
-            TimedText(seg.start_seconds, seg.end_seconds, text)
-            for _, (seg, text) in sorted(recording.texts.items())
+            TimedText(seg.start_seconds, seg.end_seconds, text, token_ids)
+            for _, (seg, text, token_ids) in sorted(recording.texts.items())
         )
         self.settled.append(Finished(file, RecordingTranscript(recording.uttid, recording.num_samples / spec.SAMPLE_RATE, segments)))
+
+
+class ClipDecoder(Protocol):
+    """What turns clips into transcripts (`decoders.VllmDecoder`, `decoders.ReferenceBackend`)."""
+
+    def transcribe(self, clips: Iterable[tuple], decoding: Decoding, *, batch_size: int) -> Generator[tuple, None, None]:
+        """`(key, Transcript or the exception that refused the clip)` for every `(key, waveform)` clip, in any order."""
+        ...
+
+
+def decoded_recordings(
+    decoder: ClipDecoder,
+    events: Iterable[SegmentReady | FileEnd | FileFailed],
+    uttids: dict[int, str],
+    decoding: Decoding,
+    batch_size: int,
+    on_audio: Callable[[float], None] = lambda seconds: None,
+) -> Iterator[Finished]:
+    """Every file's segments (`segment_events`) through `decoder` in one continuous batch;
+    each file is yielded as soon as it is settled.
+
+    The one decoding loop of `FireRedAsr.transcribe_many`, hence of the CLI, and of
+    every Ray replica."""
+    assembler = Assembler(uttids, on_audio=on_audio)
+    settled: list[Finished] = []
+
+    def clips():
+        for clip in assembler.clips(events):
+            yield clip
+            settled.extend(assembler.take_settled())
+        settled.extend(assembler.take_settled())
+
+    results = decoder.transcribe(clips(), decoding, batch_size=batch_size)
+    try:
+        for key, outcome in results:
+            assembler.result(key, outcome)
+            settled.extend(assembler.take_settled())
+            # Files settled while the decoder pulled clips (unreadable ones) go first, in the order they settled.
+            while settled:
+                yield settled.pop(0)
+    finally:
+        # A consumer that stops early ends the decoder now, which takes its requests out of the engine.
+        results.close()
+    settled.extend(assembler.take_settled())
+    yield from settled
+
+
+def decode_recordings(
+    decoder: ClipDecoder,
+    events: Iterable,
+    uttids: dict[int, str],
+    decoding: Decoding,
+    batch_size: int,
+    on_finished: Callable[[Finished], None],
+    on_audio: Callable[[float], None] = lambda seconds: None,
+) -> None:
+    """`decoded_recordings`, each settled file handed to `on_finished`."""
+    for finished in decoded_recordings(decoder, events, uttids, decoding, batch_size, on_audio):
+        on_finished(finished)

@@ -7,9 +7,10 @@ or one SRT / WebVTT subtitle file per recording. Decoded by the vLLM plugin
 cluster, `fireredasr_vllm.ray_transcription`) or by the plain PyTorch
 reference implementation.
 
-`run(utterances, Job(...))` is the API: it transcribes, writes and reports, and
-returns the exit status; `main` is the click command around it (options to a
-`Job`, errors to exit statuses).
+A client of the Python API (`fireredasr_vllm.FireRedAsr.transcribe_many`, which
+decodes; `api.py`): `run(utterances, Job(...))` transcribes, writes and reports,
+and returns the exit status; `main` is the click command around it (options to
+a `Job`, errors to exit statuses).
 
 - A recording of at most the model's clip limit (30 s) is decoded whole, as the
   original does; a longer one is cut by a voice activity detector into segments
@@ -28,8 +29,6 @@ returns the exit status; `main` is the click command around it (options to a
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 import sys
 import time
 from collections import deque
@@ -38,20 +37,18 @@ from pathlib import Path
 
 import click
 
-from fireredasr_converter.errors import first_line
 from fireredasr_converter.repo_format import DTYPE_NAMES
 from fireredasr_converter.safe_io import StagedFile, sigterm_as_interrupt
 
-from .audio_input import InputError, Utterance, collect_utterances, duration_seconds
-from .decoding import GREEDY, ORIGINAL_RECIPE, Decoding
-from .offline import (
-    DEFAULT_MAX_MODEL_LEN,
-    create_engine,
-    shutdown_engine,
-    transcriptions,
-)
-from .recordings import QUEUED_SEGMENTS, SEGMENT_MODES, Assembler, Finished, in_background, segment_events
-from .segmenter import PLANNING_SECONDS, SegmenterSettings
+from .api import FireRedAsr, FrontEnd
+from .audio_input import Utterance, collect_utterances, duration_seconds
+from .decoders import ReferenceBackend, VllmBackend  # noqa: F401  (importable from here, as before)
+from .decoding import ORIGINAL_RECIPE, Decoding
+from .engine import create_engine, engine_settings, quiet_vllm_logs, shutdown_engine
+from .errors import InputError, TranscriptionError, TranscriptionFailed
+from .job import Job, JobError
+from .recordings import QUEUED_SEGMENTS, SEGMENT_MODES, Finished, decode_recordings  # noqa: F401
+from .segmenter import PLANNING_SECONDS
 from .transcript_formats import (
     FORMATS,
     SUBTITLE_FORMATS,
@@ -177,152 +174,10 @@ class Progress:
             self._line_open = False
 
 
-# --- backends -----------------------------------------------------------------
+# --- the run ------------------------------------------------------------------
 
 DTYPES = ("auto", *DTYPE_NAMES.values())
 ENGINES = ("vllm", "ray")
-
-
-def quiet_vllm_logs() -> None:
-    """vLLM logs to stdout by default, where the transcripts may go; its engine
-    processes inherit this. INFO is for serving; a batch job shows warnings only."""
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-
-
-class VllmBackend:
-    def __init__(self, model: str, *, dtype: str, decoding: Decoding, tensor_parallel_size: int, seed: int):
-        # Room for the prompt, the longest clip and the requested number of new tokens.
-        max_model_len = DEFAULT_MAX_MODEL_LEN + (decoding.max_new_tokens or 0)
-        self.llm = create_engine(
-            model,
-            penalty_processor=decoding.needs_penalty_processor,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            tensor_parallel_size=tensor_parallel_size,
-            seed=seed,
-        )
-
-    def close(self) -> None:
-        shutdown_engine(self.llm)
-
-    def transcribe(self, clips, decoding, *, batch_size: int):
-        # --batch-size counts requests; beam search keeps `beam_size` of them per clip.
-        clips_in_flight = max(1, batch_size // decoding.beam_size)
-        yield from transcriptions(self.llm, clips, decoding, max_in_flight=clips_in_flight)
-
-
-class ReferenceBackend:
-    def __init__(self, model: str, *, dtype: str):
-        import torch
-
-        from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = ReferenceFireRedAsrLlm.from_pretrained(model, dtype=getattr(torch, dtype), device=device)
-
-    def close(self) -> None:
-        """Nothing to end: the model is freed with the object."""
-
-    def transcribe(self, clips, decoding, *, batch_size: int):
-        # The reference decodes one clip at a time with transformers' `generate`, as the original does.
-        for key, waveform in clips:
-            try:
-                (result,) = self.model.transcribe(
-                    [waveform],
-                    max_new_tokens=decoding.max_new_tokens,
-                    num_beams=decoding.beam_size,
-                    repetition_penalty=decoding.repetition_penalty,
-                    length_penalty=decoding.length_penalty,
-                )
-            except ValueError as error:
-                yield key, error
-                continue
-            yield key, result
-
-
-def decode_recordings(
-    decoder,
-    events: Iterable,
-    uttids: dict[int, str],
-    decoding: Decoding,
-    batch_size: int,
-    on_finished: Callable[[Finished], None],
-    on_audio: Callable[[float], None] = lambda seconds: None,
-) -> None:
-    """Every file's segments (`recordings.segment_events`) through `decoder` in one
-    continuous batch; each file goes to `on_finished` as soon as it is settled.
-
-    The one decoding loop of the single engine and of every Ray replica."""
-    assembler = Assembler(uttids, on_audio=on_audio)
-
-    def settle() -> None:
-        for finished_file in assembler.take_settled():
-            on_finished(finished_file)
-
-    def clips():
-        for clip in assembler.clips(events):
-            yield clip
-            settle()
-        settle()
-
-    for key, outcome in decoder.transcribe(clips(), decoding, batch_size=batch_size):
-        assembler.result(key, outcome)
-        settle()
-    settle()
-
-
-# --- the run ------------------------------------------------------------------
-
-
-class JobError(ValueError):
-    """Options that do not go together (the command's usage errors)."""
-
-
-class TranscriptionFailed(Exception):
-    """Nothing can be transcribed (the model or the output cannot be opened): exit status 1."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """What to transcribe into and how: the command's options (see `main --help`).
-
-    `dtype` "auto" is the repo's dtype; `engine` "ray" runs `num_replicas` vLLM
-    engines on the Ray cluster at `ray_address` (None: a local one).
-    """
-
-    model: str
-    output: Path | None = None
-    format: str = "text"
-    resume: bool = False
-    overwrite: bool = False
-    segment: str = "auto"
-    backend: str = "vllm"
-    engine: str = "vllm"
-    decoding: Decoding = GREEDY
-    batch_size: int = 64
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
-    seed: int = 0
-    num_replicas: int = 1
-    ray_address: str | None = None
-    quiet: bool = False
-
-    def __post_init__(self):
-        if self.output is not None:
-            object.__setattr__(self, "output", Path(self.output))
-        if self.resume and self.output is None:
-            raise JobError("--resume needs --output: the file or folder to continue")
-        if self.resume and self.overwrite:
-            raise JobError("--resume keeps OUTPUT and --overwrite replaces it: choose one")
-        if self.format in SUBTITLE_FORMATS and self.output is None:
-            raise JobError(f"--format {self.format} writes one file per recording: give the folder as --output DIR")
-        if self.backend == "reference" and self.tensor_parallel_size > 1:
-            raise JobError("--tensor-parallel-size applies to --backend vllm only")
-        if self.backend == "reference" and self.engine == "ray":
-            raise JobError("--engine ray runs vLLM engines: drop --backend reference")
-        if self.engine != "ray" and (self.num_replicas != 1 or self.ray_address is not None):
-            raise JobError("--num-replicas and --ray-address apply to --engine ray only")
 
 
 def _refuse_foreign(path: Path, format: str) -> None:
@@ -374,43 +229,44 @@ def _open_output(job: Job, uttids: list[str]):
     return LineOutput(format, stream), finished, stream
 
 
-def _front_end(model: str):
-    """The repo's config and feature extractor: what checks a clip before it reaches an engine."""
-    from fireredasr_converter.configuration import FireRedAsrLlmConfig, register_with_transformers
-    from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
-
-    try:
-        register_with_transformers()
-        return FireRedAsrLlmConfig.from_pretrained(model), FireRedAsrFeatureExtractor.from_pretrained(model)
-    except (OSError, ValueError, RecursionError) as error:
-        # A repo's JSON is data from elsewhere: too deeply nested is refused like any other damage.
-        reason = "a JSON file nests too deeply" if isinstance(error, RecursionError) else first_line(error) or type(error).__name__
-        raise TranscriptionFailed(
-            f"cannot load {model}: {reason}; pass a converted repo (`fireredasr-convert SRC OUT`)"
-        ) from None
-
-
 class LocalTranscription:
-    """One decoder in this process; files read and segmented on a background thread."""
+    """One decoder in this process, through the API (`FireRedAsr.transcribe_many`): files read and
+    segmented on a background thread, every file's segments in one continuous batch."""
 
-    def __init__(self, job: Job, dtype: str, settings: SegmenterSettings, validate):
-        self.job, self.settings, self.validate = job, settings, validate
+    def __init__(self, job: Job, front_end: FrontEnd):
+        self.job = job
+        self.llm = None
         if job.backend == "vllm":
-            self.decoder = VllmBackend(job.model, dtype=dtype, decoding=job.decoding,
+            # Built here with the API's settings, and handed to it: the engine is this run's to end.
+            settings = engine_settings(job.decoding, dtype=front_end.dtype(job.dtype),
                                        tensor_parallel_size=job.tensor_parallel_size, seed=job.seed)  # fmt: skip
+            self.llm = create_engine(job.model, **settings)
+            try:
+                self.asr = FireRedAsr(self.llm, decoding=job.decoding, batch_size=job.batch_size)
+            except BaseException:
+                shutdown_engine(self.llm)
+                raise
         else:
-            self.decoder = ReferenceBackend(job.model, dtype=dtype)
+            self.asr = FireRedAsr(job.model, decoding=job.decoding, dtype=job.dtype, batch_size=job.batch_size,
+                                  backend="reference")  # fmt: skip
 
     def run(self, pending: list[tuple[int, Utterance]], on_finished, on_audio) -> None:
-        events = in_background(segment_events(pending, self.settings, self.job.segment, self.validate))
+        uttids = {i: u.uttid for i, u in pending}
+        results = self.asr.transcribe_many({i: u.path for i, u in pending}, segment=self.job.segment,
+                                           ordered=False, on_audio=on_audio)  # fmt: skip
         try:
-            uttids = {i: u.uttid for i, u in pending}
-            decode_recordings(self.decoder, events, uttids, self.job.decoding, self.job.batch_size, on_finished, on_audio)
+            for index, result in results:
+                if isinstance(result, TranscriptionError):
+                    on_finished(Finished(index, error=result))
+                else:
+                    on_finished(Finished(index, RecordingTranscript(uttids[index], result.info.duration, result.segments)))
         finally:
-            events.close()
+            # Interrupted: the reading thread stops and the requests leave the engine before it is shut down.
+            results.close()
 
     def close(self) -> None:
-        self.decoder.close()
+        if self.llm is not None:
+            shutdown_engine(self.llm)
 
     @staticmethod
     def load_note(seconds: float) -> str:
@@ -453,20 +309,15 @@ def _transcribe(utterances: list[Utterance], job: Job, sink, finished: set[str])
         return EXIT_COMPLETE
 
     quiet_vllm_logs()
-    config, extractor = _front_end(job.model)
-    # The converted weights' dtype: vLLM's own "auto" would run fp32 weights in half precision.
-    dtype = str(config.dtype or "float32").removeprefix("torch.") if job.dtype == "auto" else job.dtype
-    settings = SegmenterSettings(max_seconds=extractor.max_audio_seconds)
-    # A partial, not a closure: Ray ships it to the tasks that read the audio.
-    validate = functools.partial(extractor.validate_waveform, downsample_rate=config.encoder_downsample_rate)
+    front_end = FrontEnd.load(job.model)
 
     load_start = time.monotonic()
     if job.engine == "ray":
         from .ray_transcription import RayTranscription
 
-        transcription = RayTranscription(job, dtype, settings, validate)
+        transcription = RayTranscription(job, front_end.dtype(job.dtype), front_end.segmenter_settings, front_end.validate)
     else:
-        transcription = LocalTranscription(job, dtype, settings, validate)
+        transcription = LocalTranscription(job, front_end)
     load_seconds = time.monotonic() - load_start
 
     def write_failed(transcript: RecordingTranscript, error: OSError) -> None:

@@ -27,9 +27,14 @@ _CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]")
 
 @dataclass(frozen=True)
 class TimedText:
-    start: float  # seconds from the start of the recording
+    """One segment's transcript: its span in seconds from the start of the recording, its text
+    and the ids the model generated for it (with `<|im_end|>` when decoding stopped on it)."""
+
+    start: float
     end: float
     text: str
+    # Not written by any output format; empty where they were not kept (a Ray run's rows).
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
