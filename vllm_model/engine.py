@@ -82,9 +82,8 @@ def create_engine(
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         # Its default 128-token blocks are longer than most prompts (a 10 s clip is
         # ~140 tokens), and prefix caching only reuses whole blocks: beam search,
-        # whose every step re-sends each beam's prompt, then recomputed it all
-        # (0 cache hits; with 32-token blocks 80% of the prompt tokens hit and beam
-        # search ran 3.3x faster, greedy decoding unchanged). 32 is the smallest
+        # whose every step re-sends each beam's prompt, then recomputes it all
+        # (measured in docs/benchmarks.md, "The CPU engine"). 32 is the smallest
         # block the CPU attention backend takes.
         settings.update(enforce_eager=True, gpu_memory_utilization=0.2, block_size=32)
         _drop_thread_binding_warnings()
@@ -123,10 +122,8 @@ def _engine_in_this_process():
 
     vLLM's default engine process runs its threads on every core, and this process
     (the front end: output processing, beam search) then fights them for those
-    cores at every step, stalling the engine's threads at each operator. Measured on
-    2 cores (medium benchmark model, idle machine): greedy decoding of 64 clips
-    took 41.8 s in-process against 77.0 s with an engine process, the recipe's beam
-    search of 12 clips 56 s against 150 s. vLLM reads the variable while building
+    cores at every step, stalling the engine's threads at each operator (measured
+    in docs/benchmarks.md, "The CPU engine"). vLLM reads the variable while building
     the engine and then freezes its environment in the process that hosts an engine
     core, so it is set only for the construction. In-process, vLLM's CPU worker binds
     this process's threads to the cores and makes `torch.set_num_threads` a no-op here.
