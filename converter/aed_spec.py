@@ -44,11 +44,6 @@ RECIPE_LENGTH_PENALTY = 0.6
 RECIPE_EOS_PENALTY = 1.0
 
 
-def gnmt_length_penalty(length: int, alpha: float) -> float:
-    """The divisor of a finished hypothesis's score: ((5 + length) / 6) ** alpha (Wu et al. 2016)."""
-    return ((5 + length) / (5.0 + 1)) ** alpha
-
-
 def absolute_position_table(d_model: int, max_len: int) -> torch.Tensor:
     """The decoder's sinusoidal position table, [1, max_len, d_model] float32.
 

@@ -1,8 +1,10 @@
-"""Hugging Face configuration classes of a converted FireRedASR-LLM repo.
+"""Hugging Face configuration classes of a converted FireRedASR repo.
 
-A composite config in the style of `Qwen2AudioConfig`: the Conformer encoder's
-settings in `encoder_config`, the Qwen2 decoder's in `text_config`, plus the
-adapter's downsample rate and the id of the `<speech>` token.
+FireRedASR-LLM: a composite config in the style of `Qwen2AudioConfig`: the
+Conformer encoder's settings in `encoder_config`, the Qwen2 decoder's in
+`text_config`, plus the adapter's downsample rate and the id of the `<speech>`
+token. FireRedASR-AED: the same `encoder_config` and the Transformer decoder's
+settings under Whisper's names (`FireRedAsrAedConfig`).
 """
 
 from __future__ import annotations
@@ -116,6 +118,88 @@ def register_with_transformers() -> None:
     for model_type, config_class in (
         (ENCODER_MODEL_TYPE, FireRedAsrEncoderConfig),
         (MODEL_TYPE, FireRedAsrLlmConfig),
+        (AED_MODEL_TYPE, FireRedAsrAedConfig),
     ):
         AutoConfig.register(model_type, config_class, exist_ok=True)
-    AutoFeatureExtractor.register(FireRedAsrLlmConfig, FireRedAsrFeatureExtractor, exist_ok=True)
+    for config_class in (FireRedAsrLlmConfig, FireRedAsrAedConfig):
+        AutoFeatureExtractor.register(config_class, FireRedAsrFeatureExtractor, exist_ok=True)
+
+
+AED_MODEL_TYPE = "fireredasr_aed"
+# The vLLM model class the plugin registers for FireRedASR-AED; written into `architectures`.
+AED_ARCHITECTURE = "FireRedAsrAedForConditionalGeneration"
+
+
+class FireRedAsrAedConfig(PretrainedConfig):
+    """Conformer encoder + Transformer decoder (FireRedASR-AED).
+
+    The decoder's settings use Whisper's names: `d_model` (shared with the
+    encoder, as the original shares it), `decoder_layers`,
+    `decoder_attention_heads`, `decoder_ffn_dim`, `max_target_positions` (the
+    position table's length, the original's `pe_maxlen`) and `vocab_size`
+    (dict.txt's length); `decoder_start_token_id` is the original's `sos_id`.
+    """
+
+    model_type = AED_MODEL_TYPE
+    sub_configs = {"encoder_config": FireRedAsrEncoderConfig}
+
+    def __init__(
+        self,
+        encoder_config: dict | FireRedAsrEncoderConfig | None = None,
+        vocab_size: int = 7832,
+        decoder_layers: int = 16,
+        decoder_attention_heads: int = 20,
+        decoder_ffn_dim: int = 5120,
+        max_target_positions: int = RELATIVE_POSITION_MAX_LEN,
+        pad_token_id: int = 2,
+        bos_token_id: int = 3,
+        eos_token_id: int = 4,
+        decoder_start_token_id: int = 3,
+        unk_token_id: int = 1,
+        layer_norm_eps: float = 1e-5,
+        **kwargs,
+    ):
+        if isinstance(encoder_config, dict):
+            encoder_config = FireRedAsrEncoderConfig(**encoder_config)
+        elif encoder_config is None:
+            encoder_config = FireRedAsrEncoderConfig()
+        _check_integers(
+            "config", 1, vocab_size=vocab_size, decoder_layers=decoder_layers,
+            decoder_attention_heads=decoder_attention_heads, decoder_ffn_dim=decoder_ffn_dim,
+            max_target_positions=max_target_positions,
+        )  # fmt: skip
+        ids = dict(
+            pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+            decoder_start_token_id=decoder_start_token_id, unk_token_id=unk_token_id,
+        )  # fmt: skip
+        _check_integers("config", 0, **ids)
+        if any(value >= vocab_size for value in ids.values()):
+            raise ValueError(f"config: special token ids {ids} must lie below vocab_size {vocab_size}")
+        if encoder_config.d_model % decoder_attention_heads:
+            raise ValueError(
+                f"config: d_model {encoder_config.d_model} is not divisible by decoder_attention_heads "
+                f"{decoder_attention_heads}"
+            )
+        if isinstance(layer_norm_eps, bool) or not isinstance(layer_norm_eps, (int, float)) or not (
+            math.isfinite(layer_norm_eps) and 0 < layer_norm_eps < 1
+        ):
+            raise ValueError(f"config: layer_norm_eps is {str(layer_norm_eps)[:40]!r}, not a number in (0, 1)")
+        self.encoder_config = encoder_config
+        self.vocab_size = vocab_size
+        self.d_model = encoder_config.d_model
+        self.decoder_layers = decoder_layers
+        self.decoder_attention_heads = decoder_attention_heads
+        self.decoder_ffn_dim = decoder_ffn_dim
+        self.max_target_positions = max_target_positions
+        self.unk_token_id = unk_token_id
+        self.layer_norm_eps = layer_norm_eps
+        kwargs.pop("d_model", None)  # always the encoder's
+        kwargs.setdefault("is_encoder_decoder", True)
+        kwargs.setdefault("tie_word_embeddings", True)
+        super().__init__(
+            pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+            decoder_start_token_id=decoder_start_token_id, **kwargs,
+        )  # fmt: skip
+
+    def get_text_config(self, *args, **kwargs) -> PretrainedConfig:
+        return self

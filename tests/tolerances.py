@@ -106,3 +106,17 @@ def fbank_atol(waveform: np.ndarray, log_mel: np.ndarray) -> np.ndarray:
     eta = (9 * 5 + 6 + 3) * F32_EPS
     relative = 2 * eta * np.sqrt(power / energies) + (band_width + 2) * F32_EPS
     return 2 * relative + 2 * F32_EPS * np.abs(log_mel)
+
+
+def aed_decoder_reduction_length(d_model: int, n_layers: int, tokens: int, encoder_frames: int) -> int:
+    """Terms summed along one logit's path through FireRedASR-AED's decoder (`fireredasr_vllm.aed_reference`).
+
+    Per layer: self-attention (LayerNorm d, projections d, scores d_k (counted as d),
+    softmax and context over the tokens, output d), cross-attention (the same over
+    the encoder frames), the MLP (LayerNorm d, d -> 4d, 4d -> d); then the final
+    LayerNorm d and the tied projection d.
+    """
+    self_attention = d_model + d_model + d_model + 2 * tokens + d_model
+    cross_attention = d_model + d_model + d_model + 2 * encoder_frames + d_model
+    mlp = d_model + d_model + 4 * d_model
+    return n_layers * (self_attention + cross_attention + mlp) + 2 * d_model

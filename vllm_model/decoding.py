@@ -2,12 +2,15 @@
 
 `Decoding` is what the offline API, the CLI, the reference and the beam search
 take; `ORIGINAL_RECIPE` is FireRedASR-LLM's published setting and `GREEDY` the
-plain default. Nothing here runs a model.
+plain default. `AedDecoding`, `AED_RECIPE` and `AED_GREEDY` are FireRedASR-AED's.
+Nothing here runs a model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from fireredasr_converter import aed_spec
 
 
 @dataclass(frozen=True)
@@ -49,3 +52,47 @@ class Decoding:
 
 ORIGINAL_RECIPE = Decoding.original()
 GREEDY = Decoding()
+
+
+@dataclass(frozen=True)
+class AedDecoding:
+    """How FireRedASR-AED decodes: the arguments of the original's batch beam search.
+
+    `beam_size` 1 is its greedy case (the same search with one beam);
+    `softmax_smoothing` divides the logits before the log-softmax;
+    `length_penalty` > 0 divides a finished hypothesis's score by
+    ((5 + length) / 6) ** length_penalty (GNMT; length counts the start token);
+    `eos_penalty` in (0, 1] multiplies EOS's log-probability (below 1 ends
+    hypotheses sooner); `max_new_tokens=None` is the original's
+    `decode_max_len=0`, one token per encoder frame of the clip; a number
+    replaces that limit for every clip, above it too, as `decode_max_len` does.
+    """
+
+    beam_size: int = aed_spec.RECIPE_BEAM_SIZE
+    softmax_smoothing: float = aed_spec.RECIPE_SOFTMAX_SMOOTHING
+    length_penalty: float = aed_spec.RECIPE_LENGTH_PENALTY
+    eos_penalty: float = aed_spec.RECIPE_EOS_PENALTY
+    max_new_tokens: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.beam_size, bool) or not isinstance(self.beam_size, int) or self.beam_size < 1:
+            raise ValueError(f"beam_size must be an integer of at least 1, got {self.beam_size!r}")
+        if not (_is_number(self.softmax_smoothing) and 0 < self.softmax_smoothing < float("inf")):
+            raise ValueError(f"softmax_smoothing must be a finite number above 0, got {self.softmax_smoothing!r}")
+        if not (_is_number(self.length_penalty) and abs(self.length_penalty) < float("inf")):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if not (_is_number(self.eos_penalty) and 0 < self.eos_penalty <= 1):
+            raise ValueError(f"eos_penalty must lie in (0, 1], got {self.eos_penalty!r}")
+        if self.max_new_tokens is not None and (
+            isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1
+        ):
+            raise ValueError(f"max_new_tokens must be an integer of at least 1 (or None), got {self.max_new_tokens!r}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+# FireRedASR-AED's recipe (the README's values) and its greedy decoding.
+AED_RECIPE = AedDecoding()
+AED_GREEDY = AedDecoding(beam_size=1, softmax_smoothing=1.0, length_penalty=0.0, eos_penalty=1.0)
