@@ -176,6 +176,7 @@ def run_plugin_recipe(repo: Path, clips: list[np.ndarray], output_tokens: int | 
                       latency_clips: list[np.ndarray], engine_kwargs: dict) -> dict:
     """The plugin's batched beam search with the original's recipe, all clips at once."""
     from fireredasr_vllm.decoding import Decoding
+    from fireredasr_vllm.engine import engine_settings
     from fireredasr_vllm.offline import create_engine, shutdown_engine, transcriptions
 
     decoding = Decoding(beam_size=RECIPE["num_beams"], repetition_penalty=RECIPE["repetition_penalty"],
@@ -190,8 +191,9 @@ def run_plugin_recipe(repo: Path, clips: list[np.ndarray], output_tokens: int | 
         return ids
 
     start = time.perf_counter()
-    llm = create_engine(repo, penalty_processor=decoding.needs_penalty_processor, dtype=dtype, seed=0,
-                        enable_prefix_caching=True, **engine_kwargs)  # fmt: skip
+    # The engine the CLI and the API build for this decoding (engine_settings), plus the variant's settings.
+    llm = create_engine(repo, **engine_settings(decoding, dtype=dtype, seed=0), enable_prefix_caching=True,
+                        **engine_kwargs)  # fmt: skip
     load_seconds = time.perf_counter() - start
     try:
         outputs, wall, latencies = timed_passes(decode_all, clips, latency_clips)

@@ -61,7 +61,8 @@ import numpy as np
 from fireredasr_converter import spec
 
 from .decoding import Decoding
-from .engine import Transcript, clip_token_limit, decode, num_samples, request_errors, transcription_request
+from .engine import clip_token_limit, decode, num_samples, request_errors, transcription_request
+from .transcript_formats import Transcript
 
 Key = TypeVar("Key", bound=Hashable)
 
@@ -315,11 +316,8 @@ class _ActiveClip:
 def batched_beam_search(
     llm,
     clips: Iterable[tuple[Key, np.ndarray]],
+    decoding: Decoding,
     *,
-    beam_size: int,
-    repetition_penalty: float = 1.0,
-    length_penalty: float = 1.0,
-    max_new_tokens: int | None = None,
     max_in_flight: int = 16,
     sampling_rate: int = spec.SAMPLE_RATE,
     prompt: str | None = None,
@@ -337,7 +335,7 @@ def batched_beam_search(
     no beam continues is aborted. A clip advances as soon as each of its beams
     has its next log-probabilities, so clips never wait for each other. A clip
     the engine refuses comes back as its exception; the others go on.
-    `max_new_tokens=None` is the original's per-clip limit N.
+    `decoding.max_new_tokens=None` is the original's per-clip limit N.
     """
     from vllm import RequestOutput
 
@@ -415,13 +413,13 @@ def batched_beam_search(
                     break
                 number, (key, waveform) = item
                 try:
-                    limit = clip_token_limit(llm, num_samples(waveform), sampling_rate, max_new_tokens)
+                    limit = clip_token_limit(llm, num_samples(waveform), sampling_rate, decoding.max_new_tokens)
                     search = ClipBeamSearch(
-                        num_beams=beam_size,
+                        num_beams=decoding.beam_size,
                         max_new_tokens=limit,
                         eos_token_id=eos_token_id,
-                        repetition_penalty=repetition_penalty,
-                        length_penalty=length_penalty,
+                        repetition_penalty=decoding.repetition_penalty,
+                        length_penalty=decoding.length_penalty,
                     )
                     wanted = search.logprobs_bound()
                     # -1 (no limit) or a cap the engine was started with; ClipBeamSearch checks it sufficed.

@@ -3,8 +3,8 @@
 The primitives both decoders (`offline`'s greedy streaming loop and
 `beam_search`) build on: the engine's settings (`engine_settings`,
 `create_engine`), a clip as a request (`transcription_request`,
-`greedy_params`, `clip_token_limit`), generated ids as text (`decode`,
-`Transcript`) and what a request can be refused with. Decodes nothing itself.
+`greedy_params`, `clip_token_limit`), generated ids as text (`decode`) and
+what a request can be refused with. Decodes nothing itself.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import logging
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +36,6 @@ def request_errors() -> tuple[type[Exception], ...]:
     from vllm.exceptions import VLLMClientError
 
     return (ValueError, VLLMClientError)
-
-
-@dataclass(frozen=True)
-class Transcript:
-    text: str
-    # Generated ids, including <|im_end|> when decoding stopped on it.
-    token_ids: list[int]
 
 
 def create_engine(

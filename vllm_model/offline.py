@@ -27,7 +27,6 @@ from .decoding import GREEDY, Decoding
 # The engine primitives are `engine`'s; these names are imported from here in the docs and by users.
 from .engine import (  # noqa: F401
     DEFAULT_MAX_MODEL_LEN,
-    Transcript,
     check_penalty_processor,
     clip_token_limit,
     create_engine,
@@ -39,6 +38,7 @@ from .engine import (  # noqa: F401
     shutdown_engine,
     transcription_request,
 )
+from .transcript_formats import Transcript
 
 # Requests the streaming loop keeps in the engine at once: enough for vLLM to batch
 # well, few enough that the clips waiting in memory stay small (20 s is 1.3 MB).
@@ -166,10 +166,7 @@ def transcriptions(
     yield from batched_beam_search(
         llm,
         clips,
-        beam_size=decoding.beam_size,
-        repetition_penalty=decoding.repetition_penalty,
-        length_penalty=decoding.length_penalty,
-        max_new_tokens=decoding.max_new_tokens,
+        decoding,
         max_in_flight=DEFAULT_BEAM_CLIPS_IN_FLIGHT if max_in_flight is None else max_in_flight,
         sampling_rate=sampling_rate,
     )

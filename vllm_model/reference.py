@@ -41,16 +41,10 @@ from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
 
 from .conformer import SpeechEncoder
 from .decoding import Decoding
+from .transcript_formats import Transcript
 
 
 AudioClip = np.ndarray | torch.Tensor
-
-
-@dataclass(frozen=True)
-class TranscriptionResult:
-    text: str
-    # Generated ids as `generate` returns them, including <|im_end|> when decoding stopped on it.
-    token_ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -376,7 +370,7 @@ class ReferenceFireRedAsrLlm:
         num_beams: int = 1,
         repetition_penalty: float = 1.0,
         length_penalty: float = 1.0,
-    ) -> list[TranscriptionResult]:
+    ) -> list[Transcript]:
         """Transcribe 16 kHz mono clips in [-1, 1], each on its own (batch size 1).
 
         The original's recipe is `num_beams=3, repetition_penalty=3.0, length_penalty=1.0`.
@@ -392,5 +386,5 @@ class ReferenceFireRedAsrLlm:
                 length_penalty=length_penalty,
             )
             text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-            results.append(TranscriptionResult(text=text, token_ids=token_ids))
+            results.append(Transcript(text=text, token_ids=token_ids))
         return results

@@ -1,6 +1,6 @@
 """A recording's transcript and the outputs it is written to: Kaldi text, JSON lines, SRT, WebVTT.
 
-A recording is transcribed segment by segment (`fireredasr_vllm.segmenter`); its
+A clip's `Transcript` is what a decoder gives back. A recording is transcribed segment by segment (`fireredasr_vllm.segmenter`); its
 transcript is the segments' texts joined the way the two languages are written:
 no space between two Chinese characters, one space otherwise. `text` and
 `jsonl` are one line per recording in one file (or stdout); `srt` and `vtt` are
@@ -23,6 +23,15 @@ from fireredasr_converter.safe_io import UnsafeInput, parse_json, temporary_pref
 
 # CJK Unified Ideographs (and extension A), CJK punctuation, full-width forms: written without spaces.
 _CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]")
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """One clip's transcript, as a decoder (the engine's or the reference's) gives it back."""
+
+    text: str
+    # Generated ids, including <|im_end|> when decoding stopped on it.
+    token_ids: list[int]
 
 
 @dataclass(frozen=True)
