@@ -236,3 +236,22 @@ def test_the_recipe_through_the_api_gives_the_reference_ids(recipe_llm, demo_ref
     uttid = next(uttid for uttid in clips if uttid.endswith("-twice"))
     segments, _ = asr.transcribe((clips[uttid], spec.SAMPLE_RATE), decoding=Decoding())
     assert [s.token_ids for s in segments] == [tuple(demo_reference.generate_ids(clips[uttid]))]
+
+
+@pytest.mark.vllm
+def test_segments_are_decoded_as_they_are_asked_for_and_stopping_early_leaves_the_engine_clean(engine_asr, demo_llm, files):
+    engine = demo_llm.llm_engine
+    segments, info = engine_asr.transcribe(str(files["long"]))
+    # Read and segmented, nothing sent to the engine yet.
+    assert info.duration_after_vad > 0 and engine.get_num_unfinished_requests() == 0
+    first = next(segments)
+    assert first.start >= 0 and engine.get_num_unfinished_requests() > 0  # the later segments are in flight
+    segments.close()
+    assert engine.get_num_unfinished_requests() == 0
+    many = engine_asr.transcribe_many([files["short"], files["long"]])
+    key, result = next(many)
+    assert key == 0 and result.segments
+    many.close()
+    assert engine.get_num_unfinished_requests() == 0
+    # The engine serves the next call as usual.
+    assert list(engine_asr.transcribe(str(files["short"]))[0]) == list(result.segments)
