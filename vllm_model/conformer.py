@@ -327,9 +327,8 @@ class SpeechAdapter(nn.Module):
 
 
 # A padded batch holds clips no shorter than this fraction of its longest clip, so at
-# most a quarter of the frames the encoder runs (and less of its attention) is padding.
-# Measured on CPU (the serving benchmark's medium encoder and 64 clips of 1-20 s):
-# one padded batch 3.6 s, length groups 0.9 s, one clip at a time 1.0 s.
+# most a quarter of the frames the encoder runs (and less of its attention) is padding
+# (measured against one padded batch and one clip at a time in docs/benchmarks.md).
 MIN_BATCH_FILL = 0.75
 
 

@@ -200,9 +200,9 @@ def load_vad():
 class SileroVad:
     """Silero VAD's speech probabilities for many consecutive windows in one pass.
 
-    Silero's own `model(window, 16000)` runs one 32 ms window per Python call
-    (about 0.8 ms each: 20 s of CPU per hour of audio, competing with the
-    engine). Only its LSTM carries state from one window to the next; its
+    Silero's own `model(window, 16000)` runs one 32 ms window per Python call,
+    whose overhead competes with the engine for the CPU (docs/benchmarks.md,
+    the long-form benchmark). Only its LSTM carries state from one window to the next; its
     front end (STFT and convolutions, each window seeing the 64 samples before
     it) and its output layer are per window. So the front end and output layer
     run batched over all windows, and the LSTM cell's weights run as a
