@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from .aed_release import is_aed_release
 from .errors import ConversionError
 from .hub import HubPushError
 from .hub_cli import PushRequest, check_push_request, hub_options, run_push
@@ -61,12 +62,14 @@ class _Size(click.ParamType):
 def main(
     src, out, llm_dir, dtype, max_shard_size, lora_alpha, target, overwrite, dry_run, quiet, push_to_hub, **hub_settings
 ):
-    """Convert the FireRedASR-LLM release in SRC into a self-contained Hugging Face-style repo at OUT.
+    """Convert the FireRedASR release in SRC into a self-contained Hugging Face-style repo at OUT.
 
-    SRC is the release folder (model.pth.tar, asr_encoder.pth.tar, cmvn.ark and a
-    Qwen2-7B-Instruct link or folder). OUT gets safetensors shards, config.json,
-    the tokenizer with <speech>, preprocessor and generation configs and a model card.
-    --target stock-vllm writes the layout of stock vLLM's FireRedASR2 model instead.
+    SRC is the release folder: FireRedASR-LLM (model.pth.tar, asr_encoder.pth.tar, cmvn.ark
+    and a Qwen2-7B-Instruct link or folder) or FireRedASR-AED (model.pth.tar, cmvn.ark,
+    dict.txt, train_bpe1000.model; found by its dict.txt). OUT gets safetensors shards,
+    config.json, the tokenizer (LLM: Qwen2's with <speech>; AED: dict.txt and the
+    SentencePiece model), preprocessor and generation configs and a model card.
+    --target stock-vllm writes the layout of stock vLLM's FireRedASR2 model instead (LLM only).
     With --push-to-hub, OUT is then uploaded as `fireredasr-push OUT ORG/NAME` does.
     SIGTERM stops it as Ctrl-C does: nothing is left behind.
     """
@@ -83,6 +86,10 @@ def _convert_and_push(
     push = _push_request(push_to_hub, hub_settings)
     if push is not None and target != DEFAULT_TARGET:
         raise click.UsageError(f"--push-to-hub uploads the {DEFAULT_TARGET} format only; drop --target {target}")
+    if push is not None and is_aed_release(src):
+        raise click.UsageError(
+            "--push-to-hub uploads FireRedASR-LLM repos only so far; convert the AED release without it"
+        )
     try:
         if push is not None:
             check_push_request(push)  # before a long conversion

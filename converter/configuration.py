@@ -110,9 +110,10 @@ class FireRedAsrLlmConfig(PretrainedConfig):
 
 
 def register_with_transformers() -> None:
-    """Make `AutoConfig` and `AutoFeatureExtractor` resolve a converted repo (idempotent)."""
-    from transformers import AutoFeatureExtractor
+    """Make `AutoConfig`, `AutoFeatureExtractor` and (AED) `AutoTokenizer` resolve a converted repo (idempotent)."""
+    from transformers import AutoFeatureExtractor, AutoTokenizer
 
+    from .aed_tokenizer import FireRedAsrAedTokenizer
     from .feature_extraction import FireRedAsrFeatureExtractor
 
     for model_type, config_class in (
@@ -123,6 +124,7 @@ def register_with_transformers() -> None:
         AutoConfig.register(model_type, config_class, exist_ok=True)
     for config_class in (FireRedAsrLlmConfig, FireRedAsrAedConfig):
         AutoFeatureExtractor.register(config_class, FireRedAsrFeatureExtractor, exist_ok=True)
+    AutoTokenizer.register(FireRedAsrAedConfig, slow_tokenizer_class=FireRedAsrAedTokenizer, exist_ok=True)
 
 
 AED_MODEL_TYPE = "fireredasr_aed"

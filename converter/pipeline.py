@@ -18,8 +18,26 @@ from pathlib import Path
 import click
 import torch
 
+from .aed_release import AedRelease, discover_aed_release, is_aed_release
+from .aed_repo import (
+    aed_provenance,
+    check_aed_tokenizer,
+    check_aed_tokenizer_files,
+    describe_aed,
+    plan_aed_tensors,
+    write_aed_files,
+)
 from .errors import ConversionError
-from .plan import DEFAULT_MAX_SHARD_SIZE, BlockBuffers, ConversionPlan, build_plan, describe, format_size, parse_size
+from .plan import (
+    DEFAULT_MAX_SHARD_SIZE,
+    BlockBuffers,
+    ConversionPlan,
+    build_plan,
+    describe,
+    format_size,
+    parse_size,
+    shard_plan,
+)
 from .release import Release, discover_release
 from .provenance import PLUGIN_TARGET, ConversionOptions, InputHasher, provenance
 from .repo_configs import write_generation_config
@@ -50,7 +68,7 @@ class ConversionResult:
     num_tensors: int
     num_shards: int
     total_size: int  # bytes of tensor data
-    speech_token_id: int
+    speech_token_id: int | None  # None for FireRedASR-AED, which has no audio placeholder
     target: str
 
 
@@ -101,7 +119,10 @@ def convert(
     quiet: bool = True,
     target: str = DEFAULT_TARGET,
 ) -> ConversionResult:
-    """Convert the FireRedASR-LLM release in `src` into a self-contained repo at `out`.
+    """Convert the FireRedASR-LLM or FireRedASR-AED release in `src` into a self-contained repo at `out`.
+
+    A folder with `dict.txt` and no `asr_encoder.pth.tar` is a FireRedASR-AED release
+    (plugin target only, no Qwen2 folder or LoRA options; docs/format.md).
 
     `target` picks the output format: "plugin" (docs/format.md, served by this
     project's vLLM plugin) or "stock-vllm" (stock vLLM's built-in
@@ -111,6 +132,11 @@ def convert(
     """
     if target not in TARGETS:
         raise ConversionError(f"unknown target {target!r}: use one of {', '.join(TARGETS)}")
+    if is_aed_release(Path(src)):
+        return _convert_aed(
+            Path(src), Path(out), llm_dir=llm_dir, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+            dry_run=dry_run, lora_alpha=lora_alpha, quiet=quiet, target=target,
+        )  # fmt: skip
     output_format = TARGETS[target]
     inputs = [Path(p).resolve() for p in (src, llm_dir) if p is not None]
     out = check_output_location(Path(out), inputs, overwrite)
@@ -232,3 +258,72 @@ def _verify(folder: Path, plan: ConversionPlan, release: Release, output_format:
     check_index_and_shards(folder, plan)
     check_tensor_values(folder, plan)
     check_tokenizer(folder, release.llm.tokenizer.speech_token_id, output_format.speech_token)
+
+
+# --- FireRedASR-AED -----------------------------------------------------------------------
+
+
+def _convert_aed(
+    src: Path,
+    out: Path,
+    *,
+    llm_dir: Path | None,
+    dtype: str,
+    max_shard_size: str | int,
+    overwrite: bool,
+    dry_run: bool,
+    lora_alpha: int | None,
+    quiet: bool,
+    target: str,
+) -> ConversionResult:
+    """`convert` for a FireRedASR-AED release: the same staging, streaming and checks, its own files."""
+    for given, option in ((llm_dir, "--llm-dir"), (lora_alpha, "--lora-alpha")):
+        if given is not None:
+            raise ConversionError(f"{src} is a FireRedASR-AED release, which has no Qwen2 LLM: leave out {option}")
+    if target != DEFAULT_TARGET:
+        raise ConversionError(
+            f"{src} is a FireRedASR-AED release: --target {target} exports FireRedASR-LLM only; use --target plugin"
+        )
+    out = check_output_location(out, [src.resolve()], overwrite)
+    options = ConversionOptions(
+        dtype=dtype, max_shard_size=parse_size(max_shard_size), lora_alpha=None, llm_dir_given=False, target=target
+    )
+    release = discover_aed_release(src)
+    check_aed_tokenizer_files(release)
+    plan = shard_plan(plan_aed_tensors(release), dtype, options.max_shard_size)
+    result = ConversionResult(
+        out=out,
+        dry_run=dry_run,
+        plan=[f"target: {target}, {TARGETS[target].summary}", *describe_aed(release, plan)],
+        num_tensors=len(plan.tensors),
+        num_shards=len(plan.shards),
+        total_size=plan.total_size,
+        speech_token_id=None,
+        target=target,
+    )
+    if not dry_run:
+        _check_free_space(out, plan)
+        _write_aed_repo(release, plan, options, out, overwrite, _Progress(plan, enabled=not quiet))
+    return result
+
+
+def _write_aed_repo(
+    release: AedRelease, plan: ConversionPlan, options: ConversionOptions, out: Path, overwrite: bool, progress: _Progress
+) -> None:
+    hasher = InputHasher(release.input_files)
+    try:
+        with StagedOutput(out, overwrite) as staged:
+            progress.say(f"writing {len(plan.tensors)} tensors to {out}")
+            with _one_core_left_free():
+                _write_weights(staged.path, plan, progress)
+            write_aed_files(staged.path, release, plan, options, aed_provenance(release, options, hasher.result()))
+            progress.say("verifying")
+            check_index_and_shards(staged.path, plan)
+            check_tensor_values(staged.path, plan)
+            check_aed_tokenizer(staged.path, release)
+            staged.commit()
+        progress.say(f"done: {out} ({len(plan.shards)} shard(s), {format_size(plan.total_size)})")
+    except OSError as error:
+        raise output_error(error, out.parent) from None
+    finally:
+        hasher.cancel()

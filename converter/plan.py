@@ -226,13 +226,21 @@ def plan_tensors(release: Release, language_model_prefix: str = LANGUAGE_MODEL_P
 def build_plan(
     release: Release, dtype: str, max_shard_size: str | int, language_model_prefix: str = LANGUAGE_MODEL_PREFIX
 ) -> ConversionPlan:
+    lora_scale = release.lora.scale if release.lora is not None else 0.0
+    return shard_plan(plan_tensors(release, language_model_prefix), dtype, max_shard_size, lora_scale)
+
+
+def shard_plan(
+    tensors: list[PlannedTensor], dtype: str, max_shard_size: str | int, lora_scale: float = 0.0
+) -> ConversionPlan:
+    """`tensors` in shards of at most `max_shard_size` bytes each (in `dtype`), filled in order."""
     if dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     limit = parse_size(max_shard_size)
     groups: list[list[PlannedTensor]] = []
     filled = 0
-    for tensor in plan_tensors(release, language_model_prefix):
+    for tensor in tensors:
         size = tensor.nbytes(torch_dtype)
         # A tensor larger than the limit gets a shard of its own.
         if not groups or (groups[-1] and filled + size > limit):
@@ -240,10 +248,7 @@ def build_plan(
             filled = 0
         groups[-1].append(tensor)
         filled += size
-    shards = [
-        PlannedShard(SHARD_NAME.format(index=i + 1, count=len(groups)), tensors) for i, tensors in enumerate(groups)
-    ]
-    lora_scale = release.lora.scale if release.lora is not None else 0.0
+    shards = [PlannedShard(SHARD_NAME.format(index=i + 1, count=len(groups)), group) for i, group in enumerate(groups)]
     return ConversionPlan(dtype=torch_dtype, lora_scale=lora_scale, shards=shards)
 
 

@@ -32,12 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from fireredasr_converter import aed_spec, spec
-from fireredasr_converter.aed_release import discover_aed_release
-from fireredasr_converter.configuration import FireRedAsrAedConfig
+from fireredasr_converter.aed_release import DECODER_PREFIX, discover_aed_release
+from fireredasr_converter.aed_tokenizer import FireRedAsrAedTokenizer
+from fireredasr_converter.configuration import FireRedAsrAedConfig, register_with_transformers
 from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
+from fireredasr_converter.repo_format import ENCODER_PREFIX
 
 from .conformer import ConformerEncoder
 from .decoding import AED_RECIPE, AedDecoding
+from .reference import load_converted_weights
 
 AudioClip = np.ndarray | torch.Tensor
 
@@ -269,9 +272,9 @@ class ReferenceFireRedAsrAed:
         release = discover_aed_release(Path(model_dir))
         config = release.config
         encoder = ConformerEncoder(config.encoder_config)
-        encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in release.encoder_tensors.items()})
+        encoder.load_state_dict({k.removeprefix(ENCODER_PREFIX): v for k, v in release.encoder_tensors.items()})
         decoder = TransformerDecoder(config)
-        decoder.load_state_dict({k.removeprefix("decoder."): v for k, v in release.decoder_tensors.items()})
+        decoder.load_state_dict({k.removeprefix(DECODER_PREFIX): v for k, v in release.decoder_tensors.items()})
         mean, istd, count = spec.cmvn_from_stats(release.cmvn_stats)
         feature_extractor = FireRedAsrFeatureExtractor(
             cmvn_mean=mean.tolist(), cmvn_istd=istd.tolist(), cmvn_frame_count=count,
@@ -280,6 +283,27 @@ class ReferenceFireRedAsrAed:
         encoder.to(device=device, dtype=dtype)
         decoder.to(device=device, dtype=dtype)
         return cls(config, encoder, decoder, feature_extractor, release.tokens)
+
+    @classmethod
+    def from_pretrained(
+        cls, repo: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> ReferenceFireRedAsrAed:
+        """Load a converted FireRedASR-AED repo (`fireredasr-convert`, docs/format.md)."""
+        repo = Path(repo)
+        register_with_transformers()
+        config = FireRedAsrAedConfig.from_pretrained(repo)
+        weights = load_converted_weights(repo)
+        unexpected = sorted(k for k in weights if not k.startswith((ENCODER_PREFIX, DECODER_PREFIX)))
+        if unexpected:
+            raise ValueError(f"{repo}: unexpected tensors {unexpected[:5]}; the repo is not a converted FireRedASR-AED")
+        encoder = ConformerEncoder(config.encoder_config)
+        encoder.load_state_dict({k.removeprefix(ENCODER_PREFIX): v for k, v in weights.items() if k.startswith(ENCODER_PREFIX)})
+        decoder = TransformerDecoder(config)
+        decoder.load_state_dict({k.removeprefix(DECODER_PREFIX): v for k, v in weights.items() if k.startswith(DECODER_PREFIX)})
+        tokenizer = FireRedAsrAedTokenizer.from_pretrained(repo)
+        encoder.to(device=device, dtype=dtype)
+        decoder.to(device=device, dtype=dtype)
+        return cls(config, encoder, decoder, FireRedAsrFeatureExtractor.from_pretrained(repo), tokenizer.tokens)
 
     @property
     def device(self) -> torch.device:
