@@ -3,20 +3,23 @@
 `discover_aed_release` loads `model.pth.tar` safely, takes the encoder and decoder
 hyper-parameters from its pickled args and checks them against the tensor
 shapes, reads `dict.txt` as the original's TokenDict does, and reads the CMVN
-statistics. `is_aed_release` tells an AED folder from an LLM one. Every
+statistics. FireRedASR2-AED releases have the same files and one more head
+(`ctc.ctc_lo`, a linear over the encoder output for word timestamps), which is
+checked and carried along. `is_aed_release` tells an AED folder from an LLM one. Every
 inconsistency is a one-line `ConversionError` raised before anything is written.
 The shared readers and checks are `release`'s (the LLM release's module).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import aed_spec
+from . import aed_spec, spec
 from .configuration import FireRedAsrAedConfig, FireRedAsrEncoderConfig
 from .errors import ConversionError
 from .release import (
@@ -26,7 +29,6 @@ from .release import (
     _cmvn_stats,
     _encoder_config,
     _expect_shape,
-    _max_audio_seconds,
     _required_arg,
     _state_dict_of,
 )
@@ -34,7 +36,13 @@ from .repo_format import ENCODER_PREFIX
 from .sources import Checkpoint, check_readable, load_checkpoint
 
 DECODER_PREFIX = "decoder."
-AED_LAYOUT = "FireRedASR-AED (dict.txt and train_bpe1000.model)"
+# FireRedASR2-AED adds a CTC head over the encoder output (the original uses it for word timestamps only).
+CTC_PREFIX = "ctc."
+CTC_TENSORS = ("ctc.ctc_lo.weight", "ctc.ctc_lo.bias")
+AED_LAYOUTS = {
+    False: "FireRedASR-AED (dict.txt and train_bpe1000.model)",
+    True: "FireRedASR2-AED (dict.txt and train_bpe1000.model, CTC head)",
+}
 _AED_FIX = (
     "SRC must be a FireRedASR-AED release folder (model.pth.tar, cmvn.ark, "
     f"{aed_spec.DICT_FILE}, {aed_spec.SPM_FILE})"
@@ -62,10 +70,15 @@ class AedRelease:
     model_checkpoint: Checkpoint
     encoder_tensors: dict[str, torch.Tensor]  # encoder.* names
     decoder_tensors: dict[str, torch.Tensor]  # decoder.* names, the tied projection left out
+    ctc_tensors: dict[str, torch.Tensor]  # FireRedASR2-AED's ctc.* head; empty for FireRedASR-AED
     config: FireRedAsrAedConfig
     max_audio_seconds: float
     cmvn_stats: np.ndarray
     tokens: tuple[str, ...]  # dict.txt: token i on line i, "<space>" read as " "
+
+    @property
+    def layout(self) -> str:
+        return AED_LAYOUTS[bool(self.ctc_tensors)]
 
     @property
     def dict_path(self) -> Path:
@@ -93,14 +106,18 @@ def discover_aed_release(src: Path) -> AedRelease:
     args = _args_of(checkpoint)
     state = _state_dict_of(checkpoint, required=True)
     for key in state:
-        if not key.startswith((ENCODER_PREFIX, DECODER_PREFIX)):
-            raise ConversionError(f"{path} holds unknown tensor {key} (expected encoder.* or decoder.*): {_DOWNLOAD_AGAIN}")
+        if not key.startswith((ENCODER_PREFIX, DECODER_PREFIX)) and key not in CTC_TENSORS:
+            raise ConversionError(
+                f"{path} holds unknown tensor {key} (expected encoder.*, decoder.* or FireRedASR2's ctc.ctc_lo.*): "
+                f"{_DOWNLOAD_AGAIN}"
+            )
     encoder_tensors = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
     encoder_config = _encoder_config(args, path, encoder_tensors, path)
 
     vocab_size, decoder_layers, max_len = (_required_arg(args, name, path) for name in ("odim", "n_layers_dec", "pe_maxlen"))
     ids = {name: _token_id_arg(args, name, path, vocab_size) for name in ("sos_id", "eos_id", "pad_id")}
     decoder_tensors = _decoder_tensors(state, path, encoder_config, vocab_size, decoder_layers, max_len)
+    ctc_tensors = _ctc_tensors(state, path, encoder_config.d_model, vocab_size)
 
     tokens = read_dict(model_dir / aed_spec.DICT_FILE)
     if len(tokens) != vocab_size:
@@ -122,17 +139,46 @@ def discover_aed_release(src: Path) -> AedRelease:
         eos_token_id=ids["eos_id"],
         decoder_start_token_id=ids["sos_id"],
         unk_token_id=tokens.index(aed_spec.UNK_TOKEN),
+        ctc_head=bool(ctc_tensors),
     )
     return AedRelease(
         model_dir=model_dir,
         model_checkpoint=checkpoint,
         encoder_tensors=encoder_tensors,
         decoder_tensors=decoder_tensors,
+        ctc_tensors=ctc_tensors,
         config=config,
-        max_audio_seconds=_max_audio_seconds(args, path),
+        max_audio_seconds=_aed_max_audio_seconds(args, path),
         cmvn_stats=_cmvn_stats(model_dir / CMVN_FILE, encoder_config.idim),
         tokens=tokens,
     )
+
+
+def _aed_max_audio_seconds(args, path: Path) -> float:
+    """The clip limit: the args' `input_length_max`, at most the project's segment length.
+
+    The original README lets FireRedASR-AED take clips of up to 60 s; served here, longer
+    audio is segmented to `spec.MAX_CLIP_SECONDS` as for the LLM, so a larger training
+    limit is lowered to that, not refused.
+    """
+    value = getattr(args, "input_length_max", spec.MAX_CLIP_SECONDS)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        value = min(value, spec.MAX_CLIP_SECONDS)
+    try:
+        return spec.check_max_audio_seconds(value)
+    except ValueError as error:
+        raise ConversionError(f"input_length_max in the args of {path}: {error}; {_DOWNLOAD_AGAIN}") from None
+
+
+def _ctc_tensors(state: dict[str, torch.Tensor], path: Path, d_model: int, vocab_size: int) -> dict[str, torch.Tensor]:
+    """FireRedASR2-AED's CTC head (a linear from the encoder width to the vocabulary), both tensors or none."""
+    found = {name: state[name] for name in CTC_TENSORS if name in state}
+    if not found:
+        return {}
+    why = f"d_model {d_model}, odim {vocab_size}"
+    for name, shape in zip(CTC_TENSORS, ((vocab_size, d_model), (vocab_size,))):
+        _expect_shape(found, name, shape, path, why)
+    return found
 
 
 def _token_id_arg(args, name: str, path: Path, vocab_size: int) -> int:

@@ -18,7 +18,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from transformers import AutoTokenizer, GenerationConfig
 
 from . import __version__, aed_spec, spec
-from .aed_release import AED_LAYOUT, AedRelease
+from .aed_release import AedRelease
 from .aed_tokenizer import FireRedAsrAedTokenizer
 from .configuration import AED_ARCHITECTURE, FireRedAsrAedConfig, register_with_transformers
 from .errors import ConversionError
@@ -35,8 +35,9 @@ RECIPE_KEY = "fireredasr_aed_recipe"
 
 
 def plan_aed_tensors(release: AedRelease) -> list[PlannedTensor]:
-    """encoder.* then decoder.*, the release's names and order; the output projection is the embedding."""
-    tensors = {**release.encoder_tensors, **release.decoder_tensors}
+    """encoder.*, decoder.*, then ctc.* (FireRedASR2-AED), the release's names and order; the output
+    projection is the embedding."""
+    tensors = {**release.encoder_tensors, **release.decoder_tensors, **release.ctc_tensors}
     return [
         PlannedTensor(name, tuple(tensor.shape), CheckpointTensor(release.model_checkpoint, tensor))
         for name, tensor in tensors.items()
@@ -47,7 +48,7 @@ def describe_aed(release: AedRelease, plan: ConversionPlan) -> list[str]:
     """The plan as `--dry-run` prints it."""
     config, encoder = release.config, release.config.encoder_config
     lines = [
-        f"release: {release.model_dir} ({AED_LAYOUT})",
+        f"release: {release.model_dir} ({release.layout})",
         f"encoder: {encoder.n_layers} layers, d_model {encoder.d_model}, {encoder.n_head} heads, "
         f"kernel {encoder.kernel_size}",
         f"decoder: {config.decoder_layers} layers, {config.vocab_size} tokens (dict.txt), output projection tied "
@@ -71,7 +72,7 @@ def aed_provenance(release: AedRelease, options: ConversionOptions, hashes: dict
     return {
         "converter": CONVERTER,
         "converter_version": __version__,
-        "release_layout": "aed",
+        "release_layout": "aed2" if release.ctc_tensors else "aed",
         "options": {"target": options.target, "dtype": options.dtype, "max_shard_size": options.max_shard_size},
         "inputs": {
             path.name: {"size": path.stat().st_size, "sha256": hashes[path]} for path in release.input_files

@@ -140,6 +140,8 @@ class FireRedAsrAedConfig(PretrainedConfig):
     `decoder_attention_heads`, `decoder_ffn_dim`, `max_target_positions` (the
     position table's length, the original's `pe_maxlen`) and `vocab_size`
     (dict.txt's length); `decoder_start_token_id` is the original's `sos_id`.
+    `ctc_head`: the weights hold FireRedASR2-AED's CTC head (`ctc.ctc_lo.*`),
+    which decoding does not use.
     """
 
     model_type = AED_MODEL_TYPE
@@ -159,12 +161,15 @@ class FireRedAsrAedConfig(PretrainedConfig):
         decoder_start_token_id: int = 3,
         unk_token_id: int = 1,
         layer_norm_eps: float = 1e-5,
+        ctc_head: bool = False,
         **kwargs,
     ):
         if isinstance(encoder_config, dict):
             encoder_config = FireRedAsrEncoderConfig(**encoder_config)
         elif encoder_config is None:
             encoder_config = FireRedAsrEncoderConfig()
+        if not isinstance(ctc_head, bool):
+            raise ValueError(f"config: ctc_head is {str(ctc_head)[:40]!r}, not true or false")
         _check_integers(
             "config", 1, vocab_size=vocab_size, decoder_layers=decoder_layers,
             decoder_attention_heads=decoder_attention_heads, decoder_ffn_dim=decoder_ffn_dim,
@@ -195,6 +200,7 @@ class FireRedAsrAedConfig(PretrainedConfig):
         self.max_target_positions = max_target_positions
         self.unk_token_id = unk_token_id
         self.layer_norm_eps = layer_norm_eps
+        self.ctc_head = ctc_head
         kwargs.pop("d_model", None)  # always the encoder's
         kwargs.setdefault("is_encoder_decoder", True)
         kwargs.setdefault("tie_word_embeddings", True)

@@ -301,3 +301,43 @@ def test_push_to_hub_is_refused_before_converting(aed_release, tmp_path):
     assert result.exit_code != 0
     assert "--push-to-hub uploads FireRedASR-LLM repos only so far" in result.output
     assert not (tmp_path / "out").exists()
+
+
+# --- FireRedASR2-AED: the same files, plus a CTC head --------------------------------------
+
+
+def test_fireredasr2_aed_release_converts_with_its_ctc_head(tmp_path):
+    fixture = build_aed_release(tmp_path, TINY_AED_SHAPES, seed=4, ctc_head=True)
+    assert fixture.model_dir.name == "FireRedASR2-AED"
+    out = tmp_path / "repo"
+    result = convert(fixture.model_dir, out, dtype="fp32", dry_run=True)
+    assert "FireRedASR2-AED" in result.plan[1] and "CTC head" in result.plan[1]
+    convert(fixture.model_dir, out, dtype="fp32")
+    state = load_release_pickle(fixture.model_dir / "model.pth.tar")["model_state_dict"]
+    stored = load_safetensors(out, "model-*.safetensors")
+    for name in ("ctc.ctc_lo.weight", "ctc.ctc_lo.bias"):
+        assert torch.equal(stored[name], state[name])
+    register_with_transformers()
+    config = AutoConfig.from_pretrained(out)
+    assert config.ctc_head and config.fireredasr_conversion["release_layout"] == "aed2"
+    # The head plays no part in decoding: the repo decodes as the release does.
+    clips = [synthetic_speech(8_000, seed=1)]
+    assert ReferenceFireRedAsrAed.from_pretrained(out).generate_ids(clips) == ReferenceFireRedAsrAed.from_release(
+        fixture.model_dir
+    ).generate_ids(clips)
+
+
+def test_ctc_head_of_the_wrong_size(tmp_path, out):
+    fixture = build_aed_release(tmp_path, TINY_AED_SHAPES, seed=4, ctc_head=True)
+    rewrite(fixture.model_dir, lambda package: package["model_state_dict"].__setitem__("ctc.ctc_lo.bias", torch.zeros(3)))
+    assert_refused(fixture.model_dir, out, "ctc.ctc_lo.bias in")
+
+
+def test_longer_training_clips_are_served_in_segments(release, tmp_path):
+    """The original README lets AED take 60 s; served here a clip is at most the segment length."""
+    rewrite(release, lambda package: setattr(package["args"], "input_length_max", 60.0))
+    convert(release, tmp_path / "repo", dtype="fp32", quiet=True)
+    assert FireRedAsrFeatureExtractor.from_pretrained(tmp_path / "repo").max_audio_seconds == spec.MAX_CLIP_SECONDS
+    rewrite(release, lambda package: setattr(package["args"], "input_length_max", float("nan")))
+    with pytest.raises(ConversionError, match="input_length_max"):
+        convert(release, tmp_path / "other")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fireredasr_converter import aed_spec, spec
-from fireredasr_converter.aed_release import DECODER_PREFIX, discover_aed_release
+from fireredasr_converter.aed_release import CTC_PREFIX, DECODER_PREFIX, discover_aed_release
 from fireredasr_converter.aed_tokenizer import FireRedAsrAedTokenizer
 from fireredasr_converter.configuration import FireRedAsrAedConfig, register_with_transformers
 from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
@@ -293,7 +293,8 @@ class ReferenceFireRedAsrAed:
         register_with_transformers()
         config = FireRedAsrAedConfig.from_pretrained(repo)
         weights = load_converted_weights(repo)
-        unexpected = sorted(k for k in weights if not k.startswith((ENCODER_PREFIX, DECODER_PREFIX)))
+        # FireRedASR2-AED's CTC head (word timestamps) plays no part in decoding.
+        unexpected = sorted(k for k in weights if not k.startswith((ENCODER_PREFIX, DECODER_PREFIX, CTC_PREFIX)))
         if unexpected:
             raise ValueError(f"{repo}: unexpected tensors {unexpected[:5]}; the repo is not a converted FireRedASR-AED")
         encoder = ConformerEncoder(config.encoder_config)
