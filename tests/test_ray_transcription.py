@@ -1,8 +1,7 @@
 """`fireredasr-transcribe --engine ray` (`fireredasr_vllm.ray_transcription`) on the tiny converted fixture.
 
-The rows Ray Data carries are checked without an engine: a read row gives the
-very segment events the single engine's segmenter gives, and a finished row
-gives back the very transcript. Then one run of each over a wav.scp with a
+The read tasks are checked without Ray or an engine: their chunks give the
+very segment events the single engine's segmenter gives. Then one run of each over a wav.scp with a
 corrupt file, a recording over the model's 30 s limit (cut by the segmenter),
 a clip too short and a missing file: the single engine (a subprocess, which
 must not start Ray), and two Ray replicas on a local CPU cluster, which
@@ -13,6 +12,7 @@ byte as the single engine wrote it, the bad items reported.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import subprocess
 import sys
@@ -27,22 +27,20 @@ from fireredasr_converter import spec
 from fireredasr_converter.configuration import FireRedAsrLlmConfig, register_with_transformers
 from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
 from fireredasr_converter.fixtures import synthetic_speech
-from fireredasr_vllm.audio_input import AudioError, read_wav_scp
+from fireredasr_vllm.audio_input import read_wav_scp
 from fireredasr_vllm.ray_transcription import (
     PLUGIN_DISTRIBUTION,
     PLUGIN_ENTRY_POINT,
-    RecordingError,
     exception_line,
-    finished_from_row,
-    finished_row,
+    file_size,
     plugin_probe,
-    read_recording,
-    recording_events,
+    read_chunks,
+    read_file_events,
+    read_order,
 )
-from fireredasr_vllm.recordings import FileFailed, Finished, SegmentReady, segment_events
+from fireredasr_vllm.recordings import FileEnd, FileFailed, SegmentReady, segment_events
 from fireredasr_vllm.segmenter import SegmenterSettings
 from fireredasr_vllm.transcribe import EXIT_PARTIAL, main
-from fireredasr_vllm.transcript_formats import RecordingTranscript, TimedText
 
 CORRUPT, LONG, TOO_SHORT, MISSING = "corrupt", "long", "too_short", "missing"
 SCP_ORDER = ["clip_a", CORRUPT, LONG, TOO_SHORT, MISSING, "clip_b", "clip_c"]
@@ -77,52 +75,73 @@ def front_end(converted_fp32):
     return SegmenterSettings(max_seconds=extractor.max_audio_seconds), validate
 
 
-# --- rows, without Ray or an engine ------------------------------------------------
+# --- reading, without Ray or an engine ------------------------------------------------
 
 
-def test_a_read_row_gives_the_single_engines_segment_events(wav_scp, front_end):
+def chunk_events(chunks: list) -> list:
+    """A read task's objects (audio, events, audio, events, ...) as segment events with their samples."""
+    events = []
+    for audio, chunk in zip(chunks[::2], chunks[1::2]):
+        samples = iter(audio)
+        events += [dataclasses.replace(e, samples=next(samples)) if isinstance(e, SegmentReady) else e for e in chunk]
+        assert next(samples, None) is None, "one array per segment event"
+    return events
+
+
+def test_read_chunks_give_the_single_engines_segment_events(wav_scp, front_end):
     settings, validate = front_end
-    for index, utterance in enumerate(read_wav_scp(wav_scp)):
-        expected = list(segment_events([(index, utterance)], settings, "auto", validate))
-        row = read_recording({"index": index, "uttid": utterance.uttid, "path": utterance.path}, settings, "auto", validate)
-        got = recording_events(row)
-        if utterance.uttid in BAD:
-            # The single engine drops a failed file's segments too: only the failure counts.
-            (failed,) = got
-            assert isinstance(failed, FileFailed) and isinstance(expected[-1], FileFailed)
-            assert (failed.file, str(failed.error)) == (index, str(expected[-1].error))
-            continue
-        assert len(got) == len(expected)
-        for mine, theirs in zip(got, expected):
-            if isinstance(theirs, SegmentReady):
-                assert (mine.file, mine.number, mine.segment, mine.skipped) == (
-                    theirs.file, theirs.number, theirs.segment, theirs.skipped)  # fmt: skip
-                np.testing.assert_array_equal(mine.samples, theirs.samples)
-            else:
-                assert mine == theirs
-        if utterance.uttid == LONG:
-            assert len(got) > 2, "the long recording should be cut into several segments"
+    read_events = functools.partial(read_file_events, settings=settings, mode="auto", validate=validate)
+    utterances = read_wav_scp(wav_scp)
+    files = [(index, u.uttid, u.path, 0) for index, u in enumerate(utterances)]
+    # Chunks of two segments: the long recording's segments span several.
+    got = chunk_events(list(read_chunks(read_events, files, 2, 10**9)))
+    expected = list(segment_events(list(enumerate(utterances)), settings, "auto", validate))
+    assert len(got) == len(expected)
+    for mine, theirs in zip(got, expected):
+        if isinstance(theirs, SegmentReady):
+            assert (mine.file, mine.number, mine.segment, mine.skipped) == (
+                theirs.file, theirs.number, theirs.segment, theirs.skipped)  # fmt: skip
+            np.testing.assert_array_equal(mine.samples, theirs.samples)
+        elif isinstance(theirs, FileFailed):
+            assert (mine.file, str(mine.error)) == (theirs.file, str(theirs.error))
+        else:
+            assert mine == theirs
+    long_index = SCP_ORDER.index(LONG)
+    long_segments = [e for e in got if isinstance(e, SegmentReady) and e.file == long_index]
+    assert len(long_segments) > 2, "the long recording should be cut into several segments"
+
+    # A file read again after its task failed gives only the segments not given before.
+    again = chunk_events(list(read_chunks(read_events, [(long_index, LONG, utterances[long_index].path, 2)], 2, 10**9)))
+    assert [e.number for e in again if isinstance(e, SegmentReady)] == [e.number for e in long_segments[2:]]
+    assert again[-1] == FileEnd(long_index, len(long_segments), again[-1].num_samples)
 
 
-def test_a_row_that_cannot_be_read_names_the_problem(front_end, tmp_path):
+def test_a_file_whose_reading_breaks_fails_alone(wav_scp, front_end):
     settings, validate = front_end
-    row = read_recording({"index": 4, "uttid": "gone", "path": str(tmp_path / "gone.wav")}, settings, "auto", validate)
-    assert row["error"] == f"{tmp_path / 'gone.wav'}: no such file"
-    (failed,) = recording_events(row)
-    assert isinstance(failed, FileFailed) and failed.file == 4 and str(failed.error) == row["error"]
+    read = functools.partial(read_file_events, settings=settings, mode="auto", validate=validate)
+
+    def breaks_on_b(index, uttid, path):
+        if uttid == "clip_b":
+            raise RuntimeError("decoder bug")
+        return read(index, uttid, path)
+
+    utterances = read_wav_scp(wav_scp)
+    files = [(i, u.uttid, u.path, 0) for i, u in enumerate(utterances) if u.uttid in ("clip_a", "clip_b", "clip_c")]
+    events = chunk_events(list(read_chunks(breaks_on_b, files, 16, 10**9)))
+    ends = {e.file: e for e in events if not isinstance(e, SegmentReady)}
+    b = SCP_ORDER.index("clip_b")
+    assert isinstance(ends[b], FileFailed) and str(ends[b].error) == "RuntimeError: decoder bug"
+    assert all(isinstance(ends[SCP_ORDER.index(u)], FileEnd) for u in ("clip_a", "clip_c"))
 
 
-def test_a_finished_row_gives_back_the_transcript():
-    transcript = RecordingTranscript("utt", 41.23456, (
-        TimedText(0.1, 1 / 3, "你好"), TimedText(2.0, 29.9999375, "world"), TimedText(31.0, 41.2, ""),
-    ))  # fmt: skip
-    assert finished_from_row(finished_row(Finished(7, transcript))) == Finished(7, transcript)
-
-    failed = finished_from_row(finished_row(Finished(2, error=AudioError("x.wav: unreadable audio"))))
-    assert failed.file == 2 and failed.transcript is None
-    assert isinstance(failed.error, RecordingError) and str(failed.error) == "x.wav: unreadable audio"
-    # An exception without a message still marks the recording failed.
-    assert str(finished_from_row(finished_row(Finished(3, error=ValueError()))).error) == "ValueError"
+def test_long_files_are_read_first_between_blocks_of_the_others():
+    files = [(n, f"u{n}", f"p{n}", 0) for n in range(7)]
+    # u2 and u5 are over 8x the median size; u5 is the larger; u6 could not be seen (size 0).
+    sizes = [10.0, 12.0, 500.0, 9.0, 11.0, 900.0, 0.0]
+    blocks = read_order(files, sizes, 2)
+    assert [[f[0] for f in block] for block in blocks] == [[5], [0, 1], [2], [3, 4], [6]]
+    assert read_order(files, [0.0] * 7, 3) == [files[0:3], files[3:6], files[6:]]
+    assert file_size("/no/such/file") == 0.0
 
 
 def test_a_failed_ray_run_is_named_by_the_workers_exception():
