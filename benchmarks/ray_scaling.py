@@ -55,7 +55,6 @@ from fireredasr_vllm.ray_transcription import CHUNK_SEGMENTS, READ_CPUS, RayTran
 from fireredasr_vllm.recordings import FileEnd, SegmentReady
 from fireredasr_vllm.segmenter import Segment
 from fireredasr_vllm.transcribe import Job, LineOutput, OrderedWriter, decode_recordings
-from fireredasr_vllm.transcript_formats import RecordingTranscript
 
 RATE = spec.SAMPLE_RATE
 
@@ -339,23 +338,24 @@ def calibrate(rate: float | None, batch_size: int, seed: int) -> EngineModel:
 
 
 class Killer(threading.Thread):
-    """Kills a random replica every `every` seconds (Ray restarts it) until stopped."""
+    """Kills a random replica every `every` seconds (Ray restarts it) until stopped or `most` kills."""
 
-    def __init__(self, ray, handles: list, every: float, seed: int):
+    def __init__(self, ray, handles: list, every: float, seed: int, most: int | None = None):
         super().__init__(daemon=True)
         self.ray, self.handles, self.every = ray, handles, every
         self.rng = random.Random(seed)
         self.stop = threading.Event()
-        self.kills = 0
+        self.kills, self.most = 0, most
 
     def run(self) -> None:
-        while not self.stop.wait(self.every):
+        while not self.stop.wait(self.every) and (self.most is None or self.kills < self.most):
             self.ray.kill(self.rng.choice(self.handles), no_restart=False)
             self.kills += 1
 
 
 def ray_run(ray, workload: Workload, reader: SimulatedReader, model: EngineModel, replicas: int, batch_size: int,
-            kill_every: float | None = None, restart_seconds: float = 0.0, seed: int = 0) -> dict:  # fmt: skip
+            kill_every: float | None = None, restart_seconds: float = 0.0, seed: int = 0,
+            most_kills: int | None = None) -> dict:  # fmt: skip
     job = Job(model="simulated", engine="ray", num_replicas=replicas, batch_size=batch_size)
     transcription = RayTranscription(
         job, "float32", None, None,
@@ -369,15 +369,18 @@ def ray_run(ray, workload: Workload, reader: SimulatedReader, model: EngineModel
     try:
         handles = transcription.start_replicas()
         ray.get([h.stats.remote() for h in handles])  # every replica started: the run measures the steady rate
-        killer = Killer(ray, handles, kill_every, seed) if kill_every else None
+        killer = Killer(ray, handles, kill_every, seed, most_kills) if kill_every else None
         utterances = [(i, Utterance(uttid, uttid)) for i, (uttid, _) in enumerate(workload.recordings)]
         cpu, start = time.process_time(), time.monotonic()
         if killer:
             killer.start()
-        transcription.run(utterances, lambda f: writer.settle(f.file, f.transcript), lambda seconds: None)
+        try:
+            transcription.run(utterances, lambda f: writer.settle(f.file, f.transcript), lambda seconds: None)
+        finally:
+            if killer:
+                killer.stop.set()
+                killer.join()
         wall, cpu = time.monotonic() - start, time.process_time() - cpu
-        if killer:
-            killer.stop.set()
         stats = transcription.replica_stats()
     finally:
         transcription.close()

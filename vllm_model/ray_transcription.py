@@ -51,7 +51,7 @@ from fireredasr_converter import spec
 
 from .audio_input import AudioError, Utterance
 from .ray_replica import EngineReplica
-from .recordings import Assembler, FileEnd, FileFailed, SegmentReady, segment_events
+from .recordings import Assembler, FileFailed, SegmentReady, segment_events
 from .transcribe import Job, TranscriptionFailed, VllmBackend, quiet_vllm_logs
 
 # What a node must have for the plugin to load in its vLLM engines.
@@ -532,8 +532,15 @@ class RayTranscription:
             raise RayStopped(f"{unsettled} recordings were never settled")  # pragma: no cover
 
     def replica_stats(self) -> list[dict]:
-        """Each replica's counters (`EngineReplica.stats`), for the benchmark."""
-        return self.ray.get([r.handle.stats.remote() for r in self.replicas if not r.gone])
+        """Each replica's counters (`EngineReplica.stats`), for the benchmark; a replica that is
+        restarting (it was killed) has none."""
+        stats = []
+        for reference in [r.handle.stats.remote() for r in self.replicas if not r.gone]:
+            try:
+                stats.append(self.ray.get(reference, timeout=10))
+            except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError):
+                continue
+        return stats
 
     def close(self) -> None:
         for replica in self.replicas:
