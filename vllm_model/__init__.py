@@ -1,4 +1,4 @@
-"""vLLM plugin for converted FireRedASR-LLM repos, and the Python API on top of it.
+"""vLLM plugin for converted FireRedASR-LLM and FireRedASR-AED repos, and the Python API on top of it.
 
 Installing this project registers `register` under vLLM's `vllm.general_plugins`
 entry point group, so `LLM(model=OUT)` and `vllm serve OUT` find the model class
@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 
 MODEL_CLASS_PATH = "fireredasr_vllm.model:FireRedAsrLlmForConditionalGeneration"
+AED_MODEL_CLASS_PATH = "fireredasr_vllm.aed_model:FireRedAsrAedForConditionalGeneration"
 
 # The public API: name -> the module that holds it.
 _API = {
@@ -41,7 +42,7 @@ def __getattr__(name: str):
 
 
 def register() -> None:
-    """Register the config classes with transformers and the model class with vLLM.
+    """Register the config classes with transformers and the model classes with vLLM.
 
     vLLM calls this in every process it starts, possibly more than once, so it
     is idempotent; a vLLM outside the tested range gets one warning line per
@@ -51,12 +52,13 @@ def register() -> None:
     import vllm
     from vllm import ModelRegistry
 
-    from fireredasr_converter.configuration import ARCHITECTURE, register_with_transformers
+    from fireredasr_converter.configuration import AED_ARCHITECTURE, ARCHITECTURE, register_with_transformers
 
     from .vllm_support import warn_if_untested
 
     warn_if_untested(vllm.__version__)
     register_with_transformers()
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        # The "module:Class" form defers importing the model (and torch code) until vLLM needs it.
-        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS_PATH)
+    # The "module:Class" form defers importing a model (and torch code) until vLLM needs it.
+    for architecture, class_path in ((ARCHITECTURE, MODEL_CLASS_PATH), (AED_ARCHITECTURE, AED_MODEL_CLASS_PATH)):
+        if architecture not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(architecture, class_path)

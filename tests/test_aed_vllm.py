@@ -1,0 +1,126 @@
+"""FireRedASR-AED in a vLLM engine (`fireredasr_vllm.aed_model`) against the plain-PyTorch reference.
+
+One fp32 engine on a tiny converted AED repo (the session `engines` fixture):
+greedy decoding through the engine gives the reference's token ids, batched and
+one clip at a time; the engine's per-step log-probabilities are the reference
+decoder's within float32 tolerance; requests the model cannot take are refused
+while the engine keeps serving.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from tolerances import aed_decoder_reduction_length, conformer_reduction_length, float32_atol
+
+from fireredasr_converter import spec
+from fireredasr_converter.fixtures import TINY_AED_SHAPES, build_aed_release, synthetic_speech
+from fireredasr_converter.pipeline import convert
+from fireredasr_vllm.aed_model import encoder_frames
+from fireredasr_vllm.aed_reference import ReferenceFireRedAsrAed
+from fireredasr_vllm.decoding import AED_GREEDY
+
+pytestmark = pytest.mark.vllm
+
+# Samples at 16 kHz: the shortest clip the model takes (one encoder frame), lengths off
+# the 10 ms grid and with different T mod 4, up to 1.25 s.
+CLIP_SAMPLES = (400, 4_000, 12_345, 20_000)
+LOGPROBS = 5
+# Two heads: head_dim 32, the smallest vLLM's CPU attention backend runs (TINY_AED_SHAPES has 16).
+ENGINE_AED_SHAPES = dataclasses.replace(TINY_AED_SHAPES, encoder_heads=2)
+
+
+@pytest.fixture(scope="module")
+def aed_repo(tmp_path_factory):
+    release = build_aed_release(tmp_path_factory.mktemp("aed-release"), ENGINE_AED_SHAPES, seed=0)
+    out = tmp_path_factory.mktemp("aed-converted") / "fireredasr-aed-tiny-fp32"
+    convert(release.model_dir, out, dtype="fp32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def aed_reference(aed_repo):
+    return ReferenceFireRedAsrAed.from_pretrained(aed_repo)
+
+
+@pytest.fixture(scope="module")
+def aed_llm(engines, aed_repo):
+    return engines.get(aed_repo, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return [synthetic_speech(n, seed=i) for i, n in enumerate(CLIP_SAMPLES)]
+
+
+def request(clip: np.ndarray) -> dict:
+    return {"prompt": "", "multi_modal_data": {"audio": (clip, spec.SAMPLE_RATE)}}
+
+
+def greedy(clip: np.ndarray, logprobs: int | None = None):
+    """The reference's greedy limits: one token per encoder frame, EOS ends the clip."""
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=encoder_frames(len(clip)), detokenize=False, logprobs=logprobs)
+
+
+def ids_before_eos(output, eos: int) -> list[int]:
+    ids = list(output.outputs[0].token_ids)
+    return ids[:-1] if ids and ids[-1] == eos else ids
+
+
+def test_greedy_is_the_reference_batched_and_one_at_a_time(aed_llm, aed_reference, clips):
+    eos = aed_reference.config.eos_token_id
+    expected = aed_reference.generate_ids(clips, AED_GREEDY)
+    # The clips end at EOS and at their limit both: the test covers either way a clip ends.
+    assert any(len(ids) == encoder_frames(len(c)) for c, ids in zip(clips, expected))
+    assert any(len(ids) < encoder_frames(len(c)) for c, ids in zip(clips, expected))
+    batched = aed_llm.generate([request(c) for c in clips], [greedy(c) for c in clips], use_tqdm=False)
+    assert [ids_before_eos(o, eos) for o in batched] == expected
+    for clip, ids in zip(clips, expected):
+        alone = aed_llm.generate([request(clip)], greedy(clip), use_tqdm=False)
+        assert ids_before_eos(alone[0], eos) == ids
+
+
+def test_step_log_probabilities_are_the_reference_decoders(aed_llm, aed_reference, aed_repo, clips):
+    config = aed_reference.config
+    clip = clips[3]
+    output = aed_llm.generate([request(clip)], greedy(clip, LOGPROBS), use_tqdm=False)[0].outputs[0]
+    tokens = [config.decoder_start_token_id, *output.token_ids]
+    encoder_out, lengths = aed_reference.encode([aed_reference.features(clip)])
+    state = aed_reference.decoder.start(encoder_out, lengths)
+    expected = []
+    with torch.inference_mode():
+        for token in tokens[:-1]:
+            logits, state = aed_reference.decoder.step(torch.tensor([token]), state)
+            expected.append(torch.log_softmax(logits[0], dim=-1))
+    expected = torch.stack(expected)
+    # Reductions along one log-probability: the encoder's blocks, then the decoder's, then the log-softmax.
+    encoder = config.encoder_config
+    reductions = (
+        encoder.n_layers * conformer_reduction_length(encoder.d_model, lengths[0], encoder.kernel_size)
+        + aed_decoder_reduction_length(config.d_model, config.decoder_layers, len(tokens), lengths[0])
+        + config.vocab_size
+    )
+    atol = float32_atol(reductions, expected.abs().max().item())
+    assert len(output.logprobs) == len(tokens) - 1
+    for step, candidates in enumerate(output.logprobs):
+        assert len(candidates) >= LOGPROBS
+        for token_id, logprob in candidates.items():
+            assert abs(logprob.logprob - expected[step, token_id].item()) <= atol, (step, token_id)
+        # The engine's greedy choice is the reference's best token at every step.
+        assert int(expected[step].argmax()) == tokens[step + 1]
+
+
+def test_requests_it_cannot_take_are_refused(aed_llm, aed_reference, clips):
+    from fireredasr_vllm.engine import request_errors
+
+    with pytest.raises(request_errors(), match="no text prompt"):
+        aed_llm.generate([{"prompt": "你好", "multi_modal_data": {"audio": (clips[1], spec.SAMPLE_RATE)}}], greedy(clips[1]))
+    with pytest.raises(request_errors(), match="too short"):
+        aed_llm.generate([request(np.zeros(399, dtype=np.float32))], greedy(clips[1]))
+    # The engine goes on serving.
+    served = aed_llm.generate([request(clips[1])], greedy(clips[1]), use_tqdm=False)
+    eos = aed_reference.config.eos_token_id
+    assert ids_before_eos(served[0], eos) == aed_reference.generate_ids([clips[1]], AED_GREEDY)[0]
