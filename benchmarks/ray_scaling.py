@@ -355,7 +355,10 @@ class Killer(threading.Thread):
 
 def ray_run(ray, workload: Workload, reader: SimulatedReader, model: EngineModel, replicas: int, batch_size: int,
             kill_every: float | None = None, restart_seconds: float = 0.0, seed: int = 0,
-            most_kills: int | None = None) -> dict:  # fmt: skip
+            most_kills: int | None = None, on_audio=lambda seconds: None, profile: str | None = None) -> dict:  # fmt: skip
+    """One run of the Ray path over `workload`: its output, wall and driver CPU time, the driver's
+    timings and counts, the replicas' stats, kills, and CPU by role (`cpu_roles`). `on_audio` hears
+    the audio seconds the driver counts for progress; `profile` names a file for the driver's cProfile."""
     job = Job(model="simulated", engine="ray", num_replicas=replicas, batch_size=batch_size)
     transcription = RayTranscription(
         job, "float32", None, None,
@@ -371,21 +374,70 @@ def ray_run(ray, workload: Workload, reader: SimulatedReader, model: EngineModel
         ray.get([h.stats.remote() for h in handles])  # every replica started: the run measures the steady rate
         killer = Killer(ray, handles, kill_every, seed, most_kills) if kill_every else None
         utterances = [(i, Utterance(uttid, uttid)) for i, (uttid, _) in enumerate(workload.recordings)]
+        machine = cpu_by_process()
         cpu, start = time.process_time(), time.monotonic()
         if killer:
             killer.start()
         try:
-            transcription.run(utterances, lambda f: writer.settle(f.file, f.transcript), lambda seconds: None)
+            if profile:
+                import cProfile
+
+                profiler = cProfile.Profile()
+                profiler.runcall(transcription.run, utterances, lambda f: writer.settle(f.file, f.transcript),
+                                 on_audio)  # fmt: skip
+                profiler.dump_stats(profile)
+            else:
+                transcription.run(utterances, lambda f: writer.settle(f.file, f.transcript), on_audio)
         finally:
             if killer:
                 killer.stop.set()
                 killer.join()
         wall, cpu = time.monotonic() - start, time.process_time() - cpu
+        after = cpu_by_process()
         stats = transcription.replica_stats()
+        machine = cpu_roles(machine, after, {s["pid"] for s in stats})
     finally:
         transcription.close()
     return {"output": stream.getvalue(), "wall": wall, "cpu": cpu, "timings": transcription.timings,
-            "counts": transcription.counts, "replicas": stats, "kills": killer.kills if killer else 0}  # fmt: skip
+            "counts": transcription.counts, "replicas": stats, "kills": killer.kills if killer else 0,
+            "machine": machine}  # fmt: skip
+
+
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """CPU seconds used so far by this process and every process under it (Ray's GCS, raylet,
+    workers and actors of a cluster this process started), by pid: what the run costs the machine."""
+    import psutil
+
+    found = {}
+    me = psutil.Process()
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            with process.oneshot():
+                times = process.cpu_times()
+                name = process.name()
+                command = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        role = "worker" if "default_worker.py" in command else "driver" if process.pid == me.pid else "ray"
+        found[process.pid] = (role if role != "ray" else f"ray:{name}", times.user + times.system)
+    return found
+
+
+def cpu_roles(before: dict, after: dict, replica_pids: set[int]) -> dict[str, float]:
+    """CPU seconds between two `cpu_by_process` snapshots per role: driver, replicas, read workers
+    (every other Ray worker), Ray's own processes (GCS, raylet, agents)."""
+    roles = {"driver": 0.0, "replicas": 0.0, "read workers": 0.0, "ray system": 0.0}
+    for pid, (role, seconds) in after.items():
+        used = seconds - before.get(pid, (role, 0.0))[1]
+        if pid in replica_pids:
+            roles["replicas"] += used
+        elif role == "worker":
+            roles["read workers"] += used
+        elif role == "driver":
+            roles["driver"] += used
+        else:
+            roles["ray system"] += used
+    return roles
 
 
 def _import_reader() -> None:
@@ -414,8 +466,10 @@ def _import_reader() -> None:
 @click.option("--restart-seconds", type=float, default=5.0, show_default=True,
               help="--kill-every: a restarted replica's engine load.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--profile", type=click.Path(dir_okay=False),
+              help="Write the driver's cProfile of each run to PROFILE-<replicas>.prof (pstats).")
 def main(replicas, replica_rate, run_seconds, long_share, hour_files, batch_size, read_cpus, payload, kill_every,
-         restart_seconds, seed):  # fmt: skip
+         restart_seconds, seed, profile):  # fmt: skip
     """Segments/s and efficiency of the Ray path at 1, 2, 4, ... simulated replicas."""
     import ray
 
@@ -447,7 +501,8 @@ def main(replicas, replica_rate, run_seconds, long_share, hour_files, batch_size
             workload = workloads[n]
             reader = SimulatedReader(workload, ReadModel(), described)
             expected, one, _ = single_engine(workload, reader, model, batch_size)
-            result = ray_run(ray, workload, reader, model, n, batch_size, kill_every, restart_seconds, seed)
+            result = ray_run(ray, workload, reader, model, n, batch_size, kill_every, restart_seconds, seed,
+                             profile=f"{profile}-{n}.prof" if profile else None)  # fmt: skip
             if result["output"] != expected:
                 raise click.ClickException(f"{n} replicas wrote another output than the single engine")
             rate = workload.segments / result["wall"]
@@ -475,6 +530,13 @@ def main(replicas, replica_rate, run_seconds, long_share, hour_files, batch_size
                f"{c['ignored']} late answers ignored" if kill_every else "")
         )  # fmt: skip
     click.echo(f"(chunks of up to {CHUNK_SEGMENTS} segments)")
+    click.echo(f"\nCPU used during each run by role, ms per segment (this machine has {os.cpu_count()} CPUs)")
+    for n, workload, result, _, _, _ in rows:
+        machine = result["machine"]
+        total = sum(machine.values())
+        click.echo(f"{n:3d} replicas: " + ", ".join(f"{role} {seconds / workload.segments * 1e3:.2f}"
+                                                    for role, seconds in machine.items())
+                   + f"; all {total / workload.segments * 1e3:.2f} ms/segment, {total / result['wall']:.2f} CPUs busy")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -82,12 +82,17 @@ def test_killed_replicas_lose_and_repeat_nothing(scaling, ray_local, workload, e
     reader = scaling.SimulatedReader(workload, scaling.ReadModel(), True)
     # Three replicas, two of them killed 0.5 s apart while they decode; a restarted one loads for 0.2 s.
     slower = dataclasses.replace(engine, time_scale=0.3)
+    heard = []
     result = scaling.ray_run(ray_local, workload, reader, slower, 3, BATCH, kill_every=0.5, restart_seconds=0.2,
-                             most_kills=2)  # fmt: skip
+                             most_kills=2, on_audio=heard.append)  # fmt: skip
     assert result["kills"] == 2 and result["counts"]["replica_deaths"] >= 1, result["counts"]
     assert result["counts"]["requeued"] > 0
     expected_slower = scaling.single_engine(workload, reader, slower, BATCH)[0]
     assert result["output"] == expected_slower == expected
+    # Progress as the single engine counts it: each segment's audio once, as it is accepted (a
+    # requeued one too), then each recording's silence after its last segment.
+    assert len(heard) == workload.segments + len(workload.recordings)
+    assert sum(heard) == pytest.approx(sum(round(s * scaling.RATE) for _, s in workload.recordings) / scaling.RATE)
 
 
 def test_a_read_task_whose_worker_dies_is_rerun_without_repeats(scaling, ray_local, workload, engine, expected,

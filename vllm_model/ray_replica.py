@@ -17,6 +17,7 @@ import os
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Hashable, Iterator
 
 import numpy as np
@@ -44,8 +45,11 @@ class EngineReplica:
 
     `push` takes the driver's deliveries (audio object references and the keys
     of the segments to decode from them) as soon as the replica has room for
-    them; `results` hands back what is decoded since the last call (the driver
-    keeps one in flight per replica that holds work). A decoding thread
+    them; the driver does not wait for it. `results` hands back what is decoded
+    since the last call (the driver keeps one in flight per replica that holds
+    work), with the replica's incarnation: a replica that Ray restarted has a new
+    one, so the driver learns that the segments it pushed before are lost even
+    when no call of its own failed. A decoding thread
     runs the decoder's own loop (`decoder.transcribe`, i.e.
     `offline.transcriptions` for vLLM) over the inbox for as long as segments
     keep coming; when the inbox stays empty for `STARVED_WAIT_S` it lets the
@@ -56,6 +60,7 @@ class EngineReplica:
         # Replicas may share a node's cores: vLLM's CPU backend would bind every one of them to all cores.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         self.decoder = make_decoder()
+        self.incarnation = uuid.uuid4().hex
         self.decoding, self.batch_size = decoding, batch_size
         self.inbox: queue.Queue = queue.Queue()
         self.ready = threading.Condition()
@@ -78,9 +83,9 @@ class EngineReplica:
         """
         self._take(deliveries)
 
-    def results(self) -> list[tuple[Hashable, str, str]]:
-        """What is decoded since the last call, as `(key, text, error)`: once there is some and
-        `REPLY_INTERVAL_S` has passed since the last answer, or after `POLL_S`."""
+    def results(self) -> tuple[str, list[tuple[Hashable, str, str]]]:
+        """The incarnation, and what is decoded since the last call as `(key, text, error)`: once there
+        is some and `REPLY_INTERVAL_S` has passed since the last answer, or after `POLL_S`."""
         deadline = time.monotonic() + POLL_S
 
         def answer() -> bool:
@@ -96,7 +101,7 @@ class EngineReplica:
                                    f"{error_text(self.failure)}") from self.failure  # fmt: skip
             done, self.done = self.done, []
             self.last_reply = time.monotonic()
-        return done
+        return self.incarnation, done
 
     def _take(self, deliveries) -> None:
         start = time.monotonic()
@@ -117,7 +122,7 @@ class EngineReplica:
     def stats(self) -> dict:
         """The replica's counters, and its decoder's own if it keeps some (the benchmark's engine does)."""
         decoder_stats = getattr(self.decoder, "stats", None)
-        return {**self.counters, **(decoder_stats() if decoder_stats else {})}
+        return {**self.counters, "pid": os.getpid(), **(decoder_stats() if decoder_stats else {})}
 
     # --- the decoding thread ------------------------------------------------------
 

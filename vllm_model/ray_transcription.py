@@ -49,10 +49,13 @@ import numpy as np
 
 from fireredasr_converter import spec
 
-from .audio_input import AudioError, Utterance
+from .audio_input import Utterance
+from .decoders import VllmBackend
+from .engine import quiet_vllm_logs
+from .errors import AudioError, TranscriptionFailed
+from .job import Job
 from .ray_replica import EngineReplica
 from .recordings import Assembler, FileFailed, SegmentReady, segment_events
-from .transcribe import Job, TranscriptionFailed, VllmBackend, quiet_vllm_logs
 
 # What a node must have for the plugin to load in its vLLM engines.
 PLUGIN_DISTRIBUTION = "fireredasr-vllm"
@@ -76,6 +79,8 @@ READ_AHEAD_OBJECTS = 4
 READ_RETRIES = 3
 # A segment whose replica dies this many times fails its recording.
 MAX_REPLICA_DEATHS = 3
+# A replica whose call failed (Ray restarts it; calls fail at once meanwhile) is asked again after this.
+RETRY_S = 0.5
 
 # A traceback's exception line: `package.module.SomeError: message` at the start of a line.
 EXCEPTION_LINE = re.compile(r"^(?:\w+\.)*(\w+(?:Error|Exception): .*)$", re.MULTILINE)
@@ -182,15 +187,18 @@ class _Chunk:
 
 
 class _Replica:
-    """The driver's view of one replica: its handle, calls in flight and the segments it holds."""
+    """The driver's view of one replica: its handle, its call in flight and the segments it holds."""
 
     def __init__(self, handle):
         self.handle = handle
         self.call = None  # the `results` call in flight
-        self.pushes: set = set()
         self.held: dict[tuple[int, int], _Chunk] = {}
+        # Its incarnation as of its last answer (`EngineReplica.results`); None when not known.
+        self.incarnation: str | None = None
         # False after a failed call, until the replica answers again (Ray restarts it meanwhile).
         self.answering = True
+        # Not asked again before this time (`time.monotonic`) after a failed call.
+        self.retry_at = 0.0
         self.gone = False
 
 
@@ -434,11 +442,15 @@ class RayTranscription:
                     deliveries.setdefault(id(replica), []).append(([chunk.audio], chunk.segments))
                     if len(replica.held) >= self._capacity:
                         open_replicas.remove(replica)
+            now = time.monotonic()
             for replica in self.replicas:
                 if id(replica) in deliveries:
-                    replica.pushes.add(replica.handle.push.remote(deliveries[id(replica)]))
+                    # Not waited for: a push that is lost with its replica is found by `results`
+                    # (the call fails, or the answer comes from a new incarnation).
+                    replica.handle.push.remote(deliveries[id(replica)])
                     self.counts["pushes"] += 1
-                if replica.call is None and not replica.gone and (replica.held or not replica.answering):
+                if replica.call is None and not replica.gone and (replica.held or not replica.answering) \
+                        and now >= replica.retry_at:  # fmt: skip
                     replica.call = replica.handle.results.remote()
                     self.counts["calls"] += 1
 
@@ -454,9 +466,18 @@ class RayTranscription:
                 raise RayStopped(exception_line(error)) from error
             if replica.answering:
                 self.counts["replica_deaths"] += 1
-            replica.answering = False
-            # Unavailable: restarting (calls fail until it is back). Died: killed for good.
+            replica.answering, replica.incarnation = False, None
+            # Unavailable: restarting (calls fail until it is back: ask again a little later).
+            # Died: ended for good (Ray would restart it otherwise).
+            replica.retry_at = time.monotonic() + RETRY_S
             replica.gone = isinstance(error, ray.exceptions.ActorDiedError)
+            requeue(replica, exception_line(error))
+            if all(r.gone for r in self.replicas):
+                raise RayStopped(f"every replica is gone: {exception_line(error)}") from error
+
+        def requeue(replica: _Replica, why: str) -> None:
+            """The segments a replica held go back to the front of the queue, or fail their recording
+            when their replicas died `MAX_REPLICA_DEATHS` times."""
             chunks: dict[int, _Chunk] = {}
             for key, chunk in replica.held.items():
                 again = chunks.setdefault(id(chunk), _Chunk(chunk.audio, [], chunk.deaths + 1))
@@ -466,28 +487,23 @@ class RayTranscription:
                 if chunk.deaths >= MAX_REPLICA_DEATHS:
                     for key, _ in chunk.segments:
                         assembler.result(key, RecordingError(
-                            f"the replica decoding it died {chunk.deaths} times ({exception_line(error)})"))
+                            f"the replica decoding it died {chunk.deaths} times ({why})"))
                     continue
                 self.counts["requeued"] += len(chunk.segments)
                 ready.appendleft(chunk)
-            if all(r.gone for r in self.replicas):
-                raise RayStopped(f"every replica is gone: {exception_line(error)}") from error
-
-        def on_push(replica: _Replica, reference) -> None:
-            replica.pushes.discard(reference)
-            try:
-                ray.get(reference)
-            except ray.exceptions.RayError as error:
-                replica_lost(replica, error)
 
         def on_answer(replica: _Replica) -> None:
             reference, replica.call = replica.call, None
             try:
-                answers = ray.get(reference)
+                incarnation, answers = ray.get(reference)
             except ray.exceptions.RayError as error:
                 replica_lost(replica, error)
                 return
             replica.answering = True
+            # Restarted since its last answer without a call of ours failing (it died between two
+            # calls): what it was given before is lost, kept only by this driver.
+            restarted = replica.incarnation not in (None, incarnation)
+            replica.incarnation = incarnation
             for key, text, error in answers:
                 if replica.held.pop(key, None) is None:
                     # Its replica was given up for dead after all, and the segment went elsewhere.
@@ -495,6 +511,10 @@ class RayTranscription:
                     continue
                 self.counts["results"] += 1
                 assembler.result(key, RecordingError(error) if error else SegmentText(text))
+            if restarted and replica.held:
+                # Some of these may be in its new inbox: their late answers are ignored.
+                self.counts["replica_deaths"] += 1
+                requeue(replica, "it was restarted")
 
         while True:
             settle()
@@ -505,13 +525,13 @@ class RayTranscription:
             start_reading()
             dispatch()
             timings["dispatch"] += time.perf_counter() - start
-            calls = {r.call: (r, None) for r in self.replicas if r.call is not None}
-            calls.update({push: (r, push) for r in self.replicas for push in r.pushes})
+            calls = {r.call: r for r in self.replicas if r.call is not None}
             waiting = list(calls)
             if ready_segments() < ready_limit:
                 waiting += list(readers)
             start = time.perf_counter()
-            done, _ = ray.wait(waiting, num_returns=1, timeout=1.0, fetch_local=False)
+            # At most RETRY_S, so that a replica whose call failed is asked again.
+            done, _ = ray.wait(waiting, num_returns=1, timeout=RETRY_S, fetch_local=False)
             timings["wait"] += time.perf_counter() - start
             # Everything else that is ready too, without waiting.
             if done:
@@ -522,11 +542,7 @@ class RayTranscription:
                     on_reader(item)
                     timings["read"] += time.perf_counter() - start
                 else:
-                    replica, push = calls[item]
-                    if push is None:
-                        on_answer(replica)
-                    else:
-                        on_push(replica, push)
+                    on_answer(calls[item])
                     timings["results"] += time.perf_counter() - start
         if unsettled:
             raise RayStopped(f"{unsettled} recordings were never settled")  # pragma: no cover
