@@ -1,21 +1,27 @@
 """`fireredasr-transcribe --engine ray` (`fireredasr_vllm.ray_transcription`) on the tiny converted fixture.
 
 The read tasks are checked without Ray or an engine: their chunks give the
-very segment events the single engine's segmenter gives. Then one run of each over a wav.scp with a
-corrupt file, a recording over the model's 30 s limit (cut by the segmenter),
-a clip too short and a missing file: the single engine (a subprocess, which
-must not start Ray), and two Ray replicas on a local CPU cluster, which
-`--resume` the single engine's output cut inside its second line (so one Ray
-run checks both, each engine load costing ~40 s): the file must end byte for
-byte as the single engine wrote it, the bad items reported.
+very segment events the single engine's segmenter gives. Then, over a wav.scp
+with a corrupt file, a recording over the model's 30 s limit (cut by the
+segmenter), a clip too short and a missing file: the single engine (a
+subprocess, which must not start Ray); a Ray driver with one replica (a
+subprocess on the test's cluster) killed with SIGKILL halfway through writing
+its second line; and two Ray replicas that `--resume` what it left, one of them
+dying (its process ends) as it decodes its first segment. The file must end
+byte for byte as the single engine wrote it, the bad items reported: nothing
+lost, nothing written twice. (One resumed run checks all three, each engine
+load costing ~20-40 s here.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -27,6 +33,7 @@ from fireredasr_converter import spec
 from fireredasr_converter.configuration import FireRedAsrLlmConfig, register_with_transformers
 from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
 from fireredasr_converter.fixtures import synthetic_speech
+from fireredasr_vllm import ray_transcription
 from fireredasr_vllm.audio_input import read_wav_scp
 from fireredasr_vllm.ray_transcription import (
     PLUGIN_DISTRIBUTION,
@@ -202,6 +209,30 @@ def single_engine_run(converted_fp32, wav_scp, tmp_path_factory):
     return completed, output
 
 
+# A driver killed while it writes: its second recording's line half written, then SIGKILL (a
+# machine lost, the OOM killer), on the test's cluster (`--ray-address`).
+KILLED_DRIVER = """
+import os, signal, sys
+from fireredasr_vllm.transcribe import main
+from fireredasr_vllm.transcript_formats import LineOutput
+
+write = LineOutput.write
+written = []
+
+def write_then_die(self, transcript):
+    if written:
+        line = self.render(transcript)
+        self.stream.write(line[: len(line) // 2])
+        self.stream.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    write(self, transcript)
+    written.append(transcript.uttid)
+
+LineOutput.write = write_then_die
+main(sys.argv[1:])
+"""
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray cluster with room for two CPU engine actors and the read tasks."""
@@ -220,15 +251,72 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def ray_run(ray_cluster, single_engine_run, converted_fp32, wav_scp, tmp_path_factory):
-    """Two replicas resume the single engine's output cut inside its second line (the long recording's)."""
-    data = single_engine_run[1].read_bytes()
+def killed_driver(ray_cluster, converted_fp32, wav_scp, tmp_path_factory):
+    """`--engine ray` with one replica on the test's cluster, its driver killed inside its second line."""
     output = tmp_path_factory.mktemp("ray") / "text"
-    first_line = data.index(b"\n") + 1
-    output.write_bytes(data[: first_line + (data.index(b"\n", first_line) - first_line) // 2])
-    result = CliRunner().invoke(main, ["-m", str(converted_fp32), "--wav-scp", str(wav_scp), "-o", str(output),
-                                       "--resume", "--engine", "ray", "--num-replicas", "2"])  # fmt: skip
-    return result, output
+    address = ray_cluster.get_runtime_context().gcs_address
+    command = [sys.executable, "-c", KILLED_DRIVER, "-m", str(converted_fp32), "--wav-scp", str(wav_scp),
+               "-o", str(output), "-q", "--engine", "ray", "--num-replicas", "1", "--ray-address", address]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    # Ray ends a dead driver's replica and read tasks: the cluster gets its CPUs back.
+    total = ray_cluster.cluster_resources()["CPU"]
+    for _ in range(120):
+        if ray_cluster.available_resources().get("CPU", 0) == total:
+            break
+        time.sleep(0.5)
+    return completed, output, ray_cluster.available_resources().get("CPU", 0) == total
+
+
+class DiesOnce:
+    """A replica's decoder whose process ends (as on a segfault) when it has decoded its first
+    segment, before answering it; once in the run (a marker file remembers), so Ray's restart lives."""
+
+    def __init__(self, decoder, marker: str):
+        self.decoder, self.marker = decoder, marker
+
+    def transcribe(self, clips, decoding, *, batch_size):
+        for key, outcome in self.decoder.transcribe(clips, decoding, batch_size=batch_size):
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                yield key, outcome
+            else:
+                os._exit(1)
+
+    def close(self):
+        self.decoder.close()
+
+
+def dies_once(make_decoder, marker: str) -> DiesOnce:
+    return DiesOnce(make_decoder(), marker)
+
+
+@pytest.fixture(scope="module")
+def ray_run(killed_driver, converted_fp32, wav_scp, tmp_path_factory):
+    """Two replicas resume the killed driver's output; the first to decode a segment dies mid-run."""
+    from ray import cloudpickle
+
+    marker = tmp_path_factory.mktemp("marks") / "died"
+    runs = []
+
+    class OneReplicaDies(ray_transcription.RayTranscription):
+        def __init__(self, job, dtype, settings, validate):
+            decoder = functools.partial(dies_once, functools.partial(ray_transcription.vllm_decoder, job, dtype),
+                                        str(marker))  # fmt: skip
+            super().__init__(job, dtype, settings, validate, make_decoder=decoder)
+            runs.append(self)
+
+    output = killed_driver[1]
+    # The decoder wrapper travels to the replicas by value: this module is not importable there.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(ray_transcription, "RayTranscription", OneReplicaDies)
+            result = CliRunner().invoke(main, ["-m", str(converted_fp32), "--wav-scp", str(wav_scp), "-o", str(output),
+                                               "--resume", "--engine", "ray", "--num-replicas", "2"])  # fmt: skip
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    return result, output, runs[0].counts if runs else {}, marker.exists()
 
 
 @pytest.mark.vllm
@@ -241,10 +329,17 @@ def test_single_engine_starts_no_ray(single_engine_run):
 
 @pytest.mark.vllm
 @pytest.mark.ray
-def test_two_replicas_resume_to_the_single_engines_text(ray_run, single_engine_run):
-    result, output = ray_run
+def test_a_killed_driver_resumes_with_a_replica_dying_to_the_single_engines_text(killed_driver, ray_run,
+                                                                                  single_engine_run):  # fmt: skip
+    completed, _, released = killed_driver
+    assert completed.returncode == -signal.SIGKILL, completed.stderr[-3000:]
+    assert released, "the killed driver's replica and read tasks should have ended with it"
+    result, output, counts, died = ray_run
     assert result.exit_code == EXIT_PARTIAL, result.output[-3000:]
+    # The killed driver wrote one line and half of the next; the resumed run redoes that one.
     assert f"resuming: 1 of {len(SCP_ORDER)} recordings already in" in result.output
+    # A replica died holding segments: they went to the other, and nothing was lost or repeated.
+    assert died and counts["replica_deaths"] >= 1 and counts["requeued"] >= 1, counts
     # Byte for byte, in input order: what the single engine wrote.
     assert output.read_bytes() == single_engine_run[1].read_bytes()
 
