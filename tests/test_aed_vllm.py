@@ -58,11 +58,13 @@ def request(clip: np.ndarray) -> dict:
     return {"prompt": "", "multi_modal_data": {"audio": (clip, spec.SAMPLE_RATE)}}
 
 
-def greedy(clip: np.ndarray, logprobs: int | None = None):
+def greedy(clip: np.ndarray, logprobs: int | None = None, detokenize: bool = False):
     """The reference's greedy limits: one token per encoder frame, EOS ends the clip."""
     from vllm import SamplingParams
 
-    return SamplingParams(temperature=0.0, max_tokens=encoder_frames(len(clip)), detokenize=False, logprobs=logprobs)
+    return SamplingParams(
+        temperature=0.0, max_tokens=encoder_frames(len(clip)), detokenize=detokenize, logprobs=logprobs
+    )
 
 
 def ids_before_eos(output, eos: int) -> list[int]:
@@ -70,14 +72,17 @@ def ids_before_eos(output, eos: int) -> list[int]:
     return ids[:-1] if ids and ids[-1] == eos else ids
 
 
-def test_greedy_is_the_reference_batched_and_one_at_a_time(aed_llm, aed_reference, clips):
+def test_greedy_is_the_references_ids_and_text_batched_and_one_at_a_time(aed_llm, aed_reference, clips):
     eos = aed_reference.config.eos_token_id
-    expected = aed_reference.generate_ids(clips, AED_GREEDY)
+    reference = aed_reference.transcribe(clips, AED_GREEDY)
+    expected = [r.token_ids for r in reference]
     # The clips end at EOS and at their limit both: the test covers either way a clip ends.
     assert any(len(ids) == encoder_frames(len(c)) for c, ids in zip(clips, expected))
     assert any(len(ids) < encoder_frames(len(c)) for c, ids in zip(clips, expected))
-    batched = aed_llm.generate([request(c) for c in clips], [greedy(c) for c in clips], use_tqdm=False)
+    batched = aed_llm.generate([request(c) for c in clips], [greedy(c, detokenize=True) for c in clips], use_tqdm=False)
     assert [ids_before_eos(o, eos) for o in batched] == expected
+    # vLLM's own detokenizer (what the server returns, stripped by post_process_output) gives the reference's text.
+    assert [o.outputs[0].text.strip() for o in batched] == [r.text for r in reference]
     for clip, ids in zip(clips, expected):
         alone = aed_llm.generate([request(clip)], greedy(clip), use_tqdm=False)
         assert ids_before_eos(alone[0], eos) == ids
