@@ -1,10 +1,11 @@
 """FireRedASR-AED in a vLLM engine (`fireredasr_vllm.aed_model`) against the plain-PyTorch reference.
 
 One fp32 engine on a tiny converted AED repo (the session `engines` fixture):
-greedy decoding through the engine gives the reference's token ids, batched and
-one clip at a time; the engine's per-step log-probabilities are the reference
-decoder's within float32 tolerance; requests the model cannot take are refused
-while the engine keeps serving.
+greedy decoding through the engine gives the reference's token ids and text,
+batched and one clip at a time; the engine's per-step log-probabilities are the
+reference decoder's within float32 tolerance; the original's beam search driven
+on the engine (`aed_beam_search`) gives the reference's tokens; requests the
+model cannot take are refused while the engine keeps serving.
 """
 
 import dataclasses
@@ -17,9 +18,10 @@ from tolerances import aed_decoder_reduction_length, conformer_reduction_length,
 from fireredasr_converter import spec
 from fireredasr_converter.fixtures import TINY_AED_SHAPES, build_aed_release, synthetic_speech
 from fireredasr_converter.pipeline import convert
+from fireredasr_vllm.aed_beam_search import AED_ENGINE_SETTINGS, aed_beam_search
 from fireredasr_vllm.aed_model import encoder_frames
 from fireredasr_vllm.aed_reference import ReferenceFireRedAsrAed
-from fireredasr_vllm.decoding import AED_GREEDY
+from fireredasr_vllm.decoding import AED_GREEDY, AED_RECIPE, AedDecoding
 
 pytestmark = pytest.mark.vllm
 
@@ -46,7 +48,7 @@ def aed_reference(aed_repo):
 
 @pytest.fixture(scope="module")
 def aed_llm(engines, aed_repo):
-    return engines.get(aed_repo, dtype="float32")
+    return engines.get(aed_repo, dtype="float32", **AED_ENGINE_SETTINGS)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +118,17 @@ def test_step_log_probabilities_are_the_reference_decoders(aed_llm, aed_referenc
             assert abs(logprob.logprob - expected[step, token_id].item()) <= atol, (step, token_id)
         # The engine's greedy choice is the reference's best token at every step.
         assert int(expected[step].argmax()) == tokens[step + 1]
+
+
+def test_beam_search_on_the_engine_is_the_references(aed_llm, aed_reference, clips):
+    short = clips[:3]
+    for decoding in (AED_RECIPE, AedDecoding(beam_size=4, softmax_smoothing=0.7, length_penalty=1.0, eos_penalty=0.9)):
+        expected = aed_reference.generate_ids(short, decoding)
+        assert aed_beam_search(aed_llm, short, decoding) == expected
+    assert [aed_beam_search(aed_llm, [clip], AED_RECIPE)[0] for clip in short] == aed_reference.generate_ids(short)
+    # A strong EOS penalty lifts EOS from far below the top B into first place: the search
+    # asks for ever more log-probabilities until it has EOS's, and every hypothesis is empty.
+    assert aed_beam_search(aed_llm, short, AedDecoding(eos_penalty=0.01)) == [[]] * len(short)
 
 
 def test_requests_it_cannot_take_are_refused(aed_llm, aed_reference, clips):

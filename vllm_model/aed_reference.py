@@ -224,7 +224,7 @@ def batch_beam_search(
         for slot, clip in enumerate(clips):
             clip_rows = slice(slot * B, (slot + 1) * B)
             if bool(finished[clip_rows].all()) or step >= limits[clip]:
-                results[clip] = _best_hypothesis(ys[clip_rows], scores[clip_rows, 0], eos, decoding.length_penalty)
+                results[clip] = best_hypothesis(ys[clip_rows], scores[clip_rows, 0], eos, decoding.length_penalty)
             else:
                 keep.append(slot)
         if len(keep) < len(clips):
@@ -235,7 +235,7 @@ def batch_beam_search(
     return [results[clip] for clip in range(N)]
 
 
-def _best_hypothesis(ys: torch.Tensor, scores: torch.Tensor, eos: int, length_penalty: float) -> list[int]:
+def best_hypothesis(ys: torch.Tensor, scores: torch.Tensor, eos: int, length_penalty: float) -> list[int]:
     """The original's final ranking of one clip's B beams: GNMT penalty on scores, top 1, tokens before EOS."""
     # The length counts every token that is not EOS, the start token included.
     lengths = torch.sum(torch.ne(ys, eos), dim=-1).int()

@@ -1,0 +1,170 @@
+"""FireRedASR-AED's beam search (the original's `batch_beam_search`) driven on a vLLM engine.
+
+The search's bookkeeping is the reference's (`aed_reference.batch_beam_search`),
+step for step and in the same float32 arithmetic; only the decoder's step runs in
+vLLM. Each step sends every unfinished beam of every clip as one request: the
+clip's audio as the encoder prompt, the beam's tokens (the start token first) as
+the decoder prompt, one new token, and the top log-probabilities of the
+*processed* logits (the engine must run with `logprobs_mode="processed_logprobs"`,
+see `AED_ENGINE_SETTINGS`): with temperature = `softmax_smoothing` vLLM returns
+log_softmax(logits / softmax_smoothing), the original's step scores. The sampled
+token itself is not used.
+
+The EOS penalty needs EOS's score even when EOS is not among the returned top
+tokens: while it might still enter the beam's top B after the penalty (its score
+is at most the lowest returned one), the beam is asked again for twice as many.
+
+Cost: vLLM caches neither encoder outputs nor decoder prefixes of encoder-decoder
+requests, so every step re-encodes each beam's clip and recomputes its decoder
+prefix. This is a correctness path (token-identical to the reference); greedy
+decoding (`temperature=0`) runs at vLLM's full speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fireredasr_converter import aed_spec, spec
+
+from .aed_reference import best_hypothesis
+from .decoding import AedDecoding
+
+# What the engine needs for `aed_beam_search`: the step scores after the temperature.
+AED_ENGINE_SETTINGS = {"logprobs_mode": "processed_logprobs"}
+
+
+def clip_limit(num_samples: int, sampling_rate: int, decoding: AedDecoding) -> int:
+    """New tokens a clip may get: `max_new_tokens`, or one per encoder frame (the original's decode_max_len=0)."""
+    if decoding.max_new_tokens is not None:
+        return decoding.max_new_tokens
+    samples_16k = round(num_samples * spec.SAMPLE_RATE / sampling_rate)
+    return spec.encoder_frame_count(spec.fbank_frame_count(samples_16k))
+
+
+@dataclass
+class _Clip:
+    waveform: np.ndarray
+    limit: int
+    ys: list[list[int]]  # B beams, each the start token and the tokens so far
+    scores: torch.Tensor  # [B, 1] float32
+    finished: torch.Tensor  # [B, 1] bool
+    step: int = 0
+    result: list[int] | None = field(default=None)
+
+
+def aed_beam_search(
+    llm, waveforms: Sequence[np.ndarray], decoding: AedDecoding, sampling_rate: int = spec.SAMPLE_RATE
+) -> list[list[int]]:
+    """Each clip's best hypothesis (tokens before EOS), as `ReferenceFireRedAsrAed.generate_ids` gives it."""
+    from vllm import SamplingParams
+
+    config = llm.llm_engine.model_config.hf_config
+    mode = llm.llm_engine.model_config.logprobs_mode
+    if mode != AED_ENGINE_SETTINGS["logprobs_mode"]:
+        raise ValueError(
+            f"the engine returns {mode}; FireRedASR-AED's beam search needs the engine started with "
+            "logprobs_mode='processed_logprobs' (fireredasr_vllm.aed_beam_search.AED_ENGINE_SETTINGS)"
+        )
+    B, sos, eos = decoding.beam_size, config.decoder_start_token_id, config.eos_token_id
+    fill = aed_spec.BEAM_FILL_SCORE
+    first = torch.tensor([0.0] + [fill] * (B - 1), dtype=torch.float32)
+    clips = [
+        _Clip(
+            np.asarray(waveform), clip_limit(len(waveform), sampling_rate, decoding), [[sos] for _ in range(B)],
+            first[:, None].clone(), torch.zeros(B, 1, dtype=torch.bool),
+        )  # fmt: skip
+        for waveform in waveforms
+    ]
+    # The most log-probabilities one request may ask for (also enough when it is the whole vocabulary).
+    most = min(config.vocab_size, llm.llm_engine.model_config.max_logprobs)
+    while any(clip.result is None for clip in clips):
+        # The distinct unfinished beams of the running clips: (clip, tokens) -> top scores.
+        wanted = {}
+        for index, clip in enumerate(clips):
+            if clip.result is None:
+                for b in range(B):
+                    if not clip.finished[b, 0]:
+                        wanted.setdefault((index, tuple(clip.ys[b])), None)
+        width = {key: B for key in wanted}
+        while any(value is None for value in wanted.values()):
+            keys = [key for key, value in wanted.items() if value is None]
+            prompts = [
+                {
+                    "encoder_prompt": {
+                        "prompt": "", "multi_modal_data": {"audio": (clips[index].waveform, sampling_rate)}
+                    },
+                    "decoder_prompt": {"prompt_token_ids": list(tokens)},
+                }  # fmt: skip
+                for index, tokens in keys
+            ]
+            params = [
+                SamplingParams(
+                    temperature=decoding.softmax_smoothing, max_tokens=1, logprobs=width[key],
+                    detokenize=False,
+                )  # fmt: skip
+                for key in keys
+            ]
+            for key, output in zip(keys, llm.generate(prompts, params, use_tqdm=False)):
+                step = output.outputs[0].logprobs[0]
+                wanted[key] = _top_scores(step, width[key], B, eos, decoding.eos_penalty, config.vocab_size)
+                if wanted[key] is None:
+                    if width[key] >= most:
+                        raise ValueError(
+                            f"EOS's score is not among the top {most} log-probabilities the engine returns: "
+                            "start it with a larger max_logprobs"
+                        )
+                    width[key] = min(2 * width[key], most)
+        for index, clip in enumerate(clips):
+            if clip.result is None:
+                _advance(clip, [wanted.get((index, tuple(ys))) for ys in clip.ys], B, eos, decoding)
+    return [clip.result for clip in clips]
+
+
+def _top_scores(logprobs: dict, width: int, B: int, eos: int, eos_penalty: float, vocab_size: int):
+    """(values [B] float32, ids [B]) of the step's top B after the EOS penalty, or None if more are needed.
+
+    `logprobs` holds the top `width` tokens and the sampled one (any rank).
+    """
+    ids = sorted((token for token, lp in logprobs.items() if lp.rank <= width), key=lambda t: logprobs[t].rank)
+    if eos_penalty != 1.0 and eos not in ids:
+        if eos in logprobs:  # sampled: its score is known
+            ids.append(eos)
+        elif width < vocab_size:
+            # EOS scored at most the lowest of the top `width`; penalised, it could still rank in the top B.
+            lowest = torch.tensor(logprobs[ids[-1]].logprob, dtype=torch.float32)
+            values = torch.tensor([logprobs[token].logprob for token in ids], dtype=torch.float32)
+            if lowest * eos_penalty >= torch.topk(values, B).values[-1]:
+                return None
+    values = torch.tensor([logprobs[token].logprob for token in ids], dtype=torch.float32)
+    if eos_penalty != 1.0 and eos in ids:
+        values[ids.index(eos)] *= eos_penalty
+    top = torch.topk(values, B)
+    return top.values, [ids[i] for i in top.indices.tolist()]
+
+
+def _advance(clip: _Clip, steps: list, B: int, eos: int, decoding: AedDecoding) -> None:
+    """One step of the original's search for one clip (aed_reference.batch_beam_search's arithmetic)."""
+    top_scores = torch.empty(B, B, dtype=torch.float32)
+    top_ys = torch.empty(B, B, dtype=torch.long)
+    finished_scores = torch.tensor([0.0] + [aed_spec.BEAM_FILL_SCORE] * (B - 1), dtype=torch.float32)
+    for b, found in enumerate(steps):
+        if clip.finished[b, 0]:
+            # A finished beam goes on with EOS at no cost; its other extensions are filler.
+            top_scores[b], top_ys[b] = finished_scores, eos
+        else:
+            top_scores[b], top_ys[b] = found[0], torch.tensor(found[1])
+    candidates = (clip.scores + top_scores).view(1, B * B)
+    scores, best = torch.topk(candidates, k=B, dim=1)
+    clip.scores = scores.reshape(B, 1)
+    source = torch.div(best, B, rounding_mode="floor").view(-1).tolist()
+    tokens = torch.gather(top_ys.view(1, B * B), 1, best).view(B).tolist()
+    clip.ys = [clip.ys[s] + [t] for s, t in zip(source, tokens)]
+    clip.finished = torch.tensor(tokens)[:, None] == eos
+    clip.step += 1
+    if bool(clip.finished.all()) or clip.step >= clip.limit:
+        ys = torch.tensor(clip.ys)
+        clip.result = best_hypothesis(ys, clip.scores[:, 0], eos, decoding.length_penalty)
