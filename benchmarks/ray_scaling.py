@@ -198,6 +198,31 @@ def simulated_engine(model: EngineModel, described: bool, restart_seconds: float
     return SimulatedEngine(model, described, start_seconds=restart_seconds if restarted else 0.0)
 
 
+class DyingEngine(SimulatedEngine):
+    """A simulated engine whose process ends (as when a GPU worker crashes) as it gets its `after`-th
+    result, before answering it: at most `deaths` times in a run (marker files in `marks` count them),
+    so that the replicas Ray restarts live."""
+
+    def __init__(self, model: EngineModel, described: bool, marks: str, after: int, deaths: int):
+        super().__init__(model, described)
+        self.marks, self.after, self.deaths = marks, after, deaths
+
+    def transcribe(self, clips, decoding, *, batch_size: int):
+        for number, item in enumerate(super().transcribe(clips, decoding, batch_size=batch_size), 1):
+            if number == self.after and self._claim_a_death():
+                os._exit(1)
+            yield item
+
+    def _claim_a_death(self) -> bool:
+        for death in range(self.deaths):
+            try:
+                os.close(os.open(os.path.join(self.marks, f"death-{death}"), os.O_CREAT | os.O_EXCL))
+                return True
+            except FileExistsError:
+                continue
+        return False
+
+
 # --- synthetic recordings ---------------------------------------------------------------
 
 
@@ -215,6 +240,17 @@ class Workload:
     @property
     def audio_seconds(self) -> float:
         return sum(seconds for _, seconds in self.recordings)
+
+    @staticmethod
+    def path(seconds: float) -> str:
+        """A recording's "path": its length, all a reader needs with its uttid (`recording_cuts`), so the
+        reader shipped to every read task stays small however large the workload."""
+        return repr(seconds)
+
+
+def recording_cuts(uttid: str, seconds: float) -> list[tuple[int, int]]:
+    """A recording's segments, the same wherever they are computed: cut with a generator seeded by its id."""
+    return cut(seconds, random.Random(uttid))
 
 
 def cut(seconds: float, rng: random.Random, max_seconds: float = 30.0) -> list[tuple[int, int]]:
@@ -242,7 +278,7 @@ def make_workload(segments: int, long_share: float, hour_files: int, seed: int) 
     durations += [min(30.0, max(1.0, rng.lognormvariate(math.log(5.0), 0.6))) for _ in range(short)]
     rng.shuffle(durations)
     recordings = [(f"u{n:07d}", seconds) for n, seconds in enumerate(durations)]
-    return Workload(recordings, {uttid: cut(seconds, rng) for uttid, seconds in recordings})
+    return Workload(recordings, {uttid: recording_cuts(uttid, seconds) for uttid, seconds in recordings})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,31 +301,30 @@ def read_seconds(workload: Workload, model: ReadModel) -> float:
 class SimulatedReader:
     """A read task's `read_events`: a recording's segment events from its description, after the read time."""
 
-    def __init__(self, workload: Workload, model: ReadModel, described: bool):
-        self.cuts = {uttid: cuts for uttid, cuts in workload.cuts.items()}
-        self.seconds = dict(workload.recordings)
+    def __init__(self, model: ReadModel, described: bool):
         self.model, self.described = model, described
 
     def __call__(self, index: int, uttid: str, path: str):
-        seconds = self.seconds[uttid]
+        seconds = float(path)
+        cuts = recording_cuts(uttid, seconds)
         time.sleep(self.model.file_s + (self.model.s_per_audio_s * seconds if seconds <= 30.0 else 0.0))
         covered = 0
-        for number, (start, end) in enumerate(self.cuts[uttid]):
+        for number, (start, end) in enumerate(cuts):
             if seconds > 30.0:
                 time.sleep(self.model.vad_s_per_audio_s * (end - covered) / RATE)
             samples = np.array([end - start], dtype=np.float32) if self.described else np.zeros(end - start, np.float32)
             yield SegmentReady(index, number, Segment(start, end), samples, start - covered)
             covered = end
-        yield FileEnd(index, len(self.cuts[uttid]), round(seconds * RATE))
+        yield FileEnd(index, len(cuts), round(seconds * RATE))
 
 
 class CrashingReader(SimulatedReader):
     """A reader whose worker process dies (as on a segfault) reading some files: `once` on their
     third segment the first time only (a marker file in `marks` remembers), `always` every time."""
 
-    def __init__(self, workload: Workload, model: ReadModel, described: bool, marks: str,
-                 once: set[str] = frozenset(), always: set[str] = frozenset()):  # fmt: skip
-        super().__init__(workload, model, described)
+    def __init__(self, model: ReadModel, described: bool, marks: str, once: set[str] = frozenset(),
+                 always: set[str] = frozenset()):  # fmt: skip
+        super().__init__(model, described)
         self.marks, self.once, self.always = marks, set(once), set(always)
 
     def __call__(self, index: int, uttid: str, path: str):
@@ -314,8 +349,8 @@ def single_engine(workload: Workload, reader: SimulatedReader, model: EngineMode
     uttids = {i: uttid for i, (uttid, _) in enumerate(workload.recordings)}
 
     def events():
-        for index, (uttid, _) in enumerate(workload.recordings):
-            for event in reader(index, uttid, uttid):
+        for index, (uttid, seconds) in enumerate(workload.recordings):
+            for event in reader(index, uttid, Workload.path(seconds)):
                 yield event
 
     saved, reader.model = reader.model, ReadModel(0.0, 0.0, 0.0)  # reading is not the engine's time
@@ -333,7 +368,7 @@ def calibrate(rate: float | None, batch_size: int, seed: int) -> EngineModel:
     if rate is None:
         return model
     workload = make_workload(4000, 0.1, 1, seed)
-    _, native, _ = single_engine(workload, SimulatedReader(workload, ReadModel(), True), model, batch_size)
+    _, native, _ = single_engine(workload, SimulatedReader(ReadModel(), True), model, batch_size)
     return dataclasses.replace(model, time_scale=native / rate)
 
 
@@ -355,16 +390,18 @@ class Killer(threading.Thread):
 
 def ray_run(ray, workload: Workload, reader: SimulatedReader, model: EngineModel, replicas: int, batch_size: int,
             kill_every: float | None = None, restart_seconds: float = 0.0, seed: int = 0,
-            most_kills: int | None = None, on_audio=lambda seconds: None, profile: str | None = None) -> dict:  # fmt: skip
+            most_kills: int | None = None, on_audio=lambda seconds: None, profile: str | None = None,
+            make_decoder=None) -> dict:  # fmt: skip
     """One run of the Ray path over `workload`: its output, wall and driver CPU time, the driver's
     timings and counts, the replicas' stats, kills, and CPU by role (`cpu_roles`). `on_audio` hears
-    the audio seconds the driver counts for progress; `profile` names a file for the driver's cProfile."""
+    the audio seconds the driver counts for progress; `profile` names a file for the driver's cProfile;
+    `make_decoder` replaces the replicas' simulated engine (`DyingEngine`)."""
     job = Job(model="simulated", engine="ray", num_replicas=replicas, batch_size=batch_size)
     transcription = RayTranscription(
         job, "float32", None, None,
-        make_decoder=functools.partial(simulated_engine, model, reader.described, restart_seconds),
+        make_decoder=make_decoder or functools.partial(simulated_engine, model, reader.described, restart_seconds),
         read_events=reader,
-        size_of=reader.seconds.get,
+        size_of=float,
         replica_options={"num_cpus": 0},
     )  # fmt: skip
     stream = io.StringIO()
@@ -373,7 +410,7 @@ def ray_run(ray, workload: Workload, reader: SimulatedReader, model: EngineModel
         handles = transcription.start_replicas()
         ray.get([h.stats.remote() for h in handles])  # every replica started: the run measures the steady rate
         killer = Killer(ray, handles, kill_every, seed, most_kills) if kill_every else None
-        utterances = [(i, Utterance(uttid, uttid)) for i, (uttid, _) in enumerate(workload.recordings)]
+        utterances = [(i, Utterance(uttid, Workload.path(seconds))) for i, (uttid, seconds) in enumerate(workload.recordings)]
         machine = cpu_by_process()
         cpu, start = time.process_time(), time.monotonic()
         if killer:
@@ -382,7 +419,7 @@ def ray_run(ray, workload: Workload, reader: SimulatedReader, model: EngineModel
             if profile:
                 import cProfile
 
-                profiler = cProfile.Profile()
+                profiler = cProfile.Profile(time.process_time)  # the driver's CPU, not its waits
                 profiler.runcall(transcription.run, utterances, lambda f: writer.settle(f.file, f.transcript),
                                  on_audio)  # fmt: skip
                 profiler.dump_stats(profile)
@@ -418,25 +455,28 @@ def cpu_by_process() -> dict[int, tuple[str, float]]:
                 command = " ".join(process.cmdline())
         except psutil.Error:
             continue
-        role = "worker" if "default_worker.py" in command else "driver" if process.pid == me.pid else "ray"
+        # A worker's title is `ray::IDLE` or `ray::<task or actor>` once it runs (Ray's agents end in Agent).
+        worker = "default_worker.py" in command or command.startswith("ray::") and not command.endswith("Agent")
+        role = "worker" if worker else "driver" if process.pid == me.pid else "ray"
         found[process.pid] = (role if role != "ray" else f"ray:{name}", times.user + times.system)
     return found
 
 
 def cpu_roles(before: dict, after: dict, replica_pids: set[int]) -> dict[str, float]:
     """CPU seconds between two `cpu_by_process` snapshots per role: driver, replicas, read workers
-    (every other Ray worker), Ray's own processes (GCS, raylet, agents)."""
-    roles = {"driver": 0.0, "replicas": 0.0, "read workers": 0.0, "ray system": 0.0}
+    (every other Ray worker; those started during the run apart: their start-up is in it), Ray's
+    own processes by name (GCS, raylet, agents)."""
+    roles = {"driver": 0.0, "replicas": 0.0, "read workers": 0.0, "workers started in the run": 0.0}
     for pid, (role, seconds) in after.items():
         used = seconds - before.get(pid, (role, 0.0))[1]
         if pid in replica_pids:
             roles["replicas"] += used
         elif role == "worker":
-            roles["read workers"] += used
+            roles["read workers" if pid in before else "workers started in the run"] += used
         elif role == "driver":
             roles["driver"] += used
         else:
-            roles["ray system"] += used
+            roles[role] = roles.get(role, 0.0) + used
     return roles
 
 
@@ -458,7 +498,7 @@ def _import_reader() -> None:
 @click.option("--hour-files", type=int, default=2, show_default=True, help="Hour-long recordings in each workload.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--read-cpus", type=click.IntRange(min=1),
-              help="Logical CPUs for read tasks (each takes 0.5; simulated reads sleep, so they cost no real CPU) "
+              help="Logical CPUs for read tasks (one each; simulated reads sleep, so they cost no real CPU) "
                    "[default: 1.5x what the largest run needs at the ideal rate].")
 @click.option("--payload", type=click.Choice(["described", "samples"]), default="described", show_default=True,
               help="described: each segment's audio is its length; samples: real-sized float32 arrays.")
@@ -479,7 +519,7 @@ def main(replicas, replica_rate, run_seconds, long_share, hour_files, batch_size
     workloads = {n: make_workload(round(n * (replica_rate or 100.0) * run_seconds), long_share, hour_files, seed + n)
                  for n in counts}  # fmt: skip
     # CPUs the read tasks need to keep up with the ideal rate (the simulated ones sleep instead).
-    needed = {n: read_seconds(w, ReadModel()) / single_engine(w, SimulatedReader(w, ReadModel(), True), model,
+    needed = {n: read_seconds(w, ReadModel()) / single_engine(w, SimulatedReader(ReadModel(), True), model,
                                                                batch_size)[2] * n for n, w in workloads.items()}  # fmt: skip
     read_cpus = read_cpus or max(1, math.ceil(1.5 * max(needed.values())))
     ray.init(num_cpus=math.ceil(read_cpus), include_dashboard=False, logging_level="ERROR")
@@ -493,13 +533,13 @@ def main(replicas, replica_rate, run_seconds, long_share, hour_files, batch_size
     # before the first measured run, as a long run would have them.
     click.echo("read CPUs needed at the ideal rate: " + ", ".join(f"{n} replicas {c:.1f}" for n, c in needed.items()))
     warm = ray.remote(num_cpus=READ_CPUS)(_import_reader)
-    ray.get([warm.remote() for _ in range(2 * math.ceil(read_cpus))])
+    ray.get([warm.remote() for _ in range(int(read_cpus / READ_CPUS))])
     click.echo(header)
     rows = []
     try:
         for n in counts:
             workload = workloads[n]
-            reader = SimulatedReader(workload, ReadModel(), described)
+            reader = SimulatedReader(ReadModel(), described)
             expected, one, _ = single_engine(workload, reader, model, batch_size)
             result = ray_run(ray, workload, reader, model, n, batch_size, kill_every, restart_seconds, seed,
                              profile=f"{profile}-{n}.prof" if profile else None)  # fmt: skip

@@ -70,7 +70,7 @@ def engine(scaling):
 
 @pytest.fixture(scope="module")
 def expected(scaling, workload, engine):
-    reader = scaling.SimulatedReader(workload, scaling.ReadModel(0.0, 0.0, 0.0), True)
+    reader = scaling.SimulatedReader(scaling.ReadModel(0.0, 0.0, 0.0), True)
     return scaling.single_engine(workload, reader, engine, BATCH)[0]
 
 
@@ -78,17 +78,17 @@ def long_recordings(workload) -> list[str]:
     return [uttid for uttid, seconds in workload.recordings if seconds > 30.0]
 
 
-def test_killed_replicas_lose_and_repeat_nothing(scaling, ray_local, workload, engine, expected):
-    reader = scaling.SimulatedReader(workload, scaling.ReadModel(), True)
-    # Three replicas, two of them killed 0.5 s apart while they decode; a restarted one loads for 0.2 s.
+def test_killed_replicas_lose_and_repeat_nothing(scaling, ray_local, workload, engine, expected, tmp_path):
+    reader = scaling.SimulatedReader(scaling.ReadModel(), True)
+    # Three replicas; the first two to decode 20 segments die as they get the 20th (their process
+    # ends), holding the rest of their batch; Ray restarts them and their segments go elsewhere.
     slower = dataclasses.replace(engine, time_scale=0.3)
     heard = []
-    result = scaling.ray_run(ray_local, workload, reader, slower, 3, BATCH, kill_every=0.5, restart_seconds=0.2,
-                             most_kills=2, on_audio=heard.append)  # fmt: skip
-    assert result["kills"] == 2 and result["counts"]["replica_deaths"] >= 1, result["counts"]
-    assert result["counts"]["requeued"] > 0
-    expected_slower = scaling.single_engine(workload, reader, slower, BATCH)[0]
-    assert result["output"] == expected_slower == expected
+    dying = functools.partial(scaling.DyingEngine, slower, True, str(tmp_path), 20, 2)
+    result = scaling.ray_run(ray_local, workload, reader, slower, 3, BATCH, make_decoder=dying, on_audio=heard.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["death-0", "death-1"]
+    assert result["counts"]["replica_deaths"] == 2 and result["counts"]["requeued"] >= 2, result["counts"]
+    assert result["output"] == expected
     # Progress as the single engine counts it: each segment's audio once, as it is accepted (a
     # requeued one too), then each recording's silence after its last segment.
     assert len(heard) == workload.segments + len(workload.recordings)
@@ -100,7 +100,7 @@ def test_a_read_task_whose_worker_dies_is_rerun_without_repeats(scaling, ray_loc
     # The worker dies on the third segment of a long recording, once: Ray reruns the task, whose
     # stream replays without giving the first segments (or the block's earlier files) again.
     once = {long_recordings(workload)[0]}
-    reader = scaling.CrashingReader(workload, scaling.ReadModel(), True, str(tmp_path), once=once)
+    reader = scaling.CrashingReader(scaling.ReadModel(), True, str(tmp_path), once=once)
     result = scaling.ray_run(ray_local, workload, reader, engine, 2, BATCH)
     assert (tmp_path / next(iter(once))).exists(), "the reader should have crashed"
     assert result["output"] == expected
@@ -114,18 +114,18 @@ def test_a_file_that_kills_every_reader_is_reported_alone(scaling, ray_local, wo
     monkeypatch.setattr(ray_transcription, "READ_RETRIES", 0)
     clips = [uttid for uttid, seconds in workload.recordings if seconds <= 30.0]
     once, always = clips[2], clips[3]
-    reader = scaling.CrashingReader(workload, scaling.ReadModel(), True, str(tmp_path), once={once},
+    reader = scaling.CrashingReader(scaling.ReadModel(), True, str(tmp_path), once={once},
                                     always={always})  # fmt: skip
     settled = {}
     job = ray_transcription.Job(model="simulated", engine="ray", num_replicas=2, batch_size=BATCH)
     transcription = ray_transcription.RayTranscription(
-        job, "float32", None, None, read_events=reader, size_of=reader.seconds.get,
+        job, "float32", None, None, read_events=reader, size_of=float,
         make_decoder=functools.partial(scaling.SimulatedEngine, engine, True), replica_options={"num_cpus": 0},
     )  # fmt: skip
     from fireredasr_vllm.audio_input import Utterance
 
     try:
-        transcription.run([(i, Utterance(u, u)) for i, (u, _) in enumerate(workload.recordings)],
+        transcription.run([(i, Utterance(u, scaling.Workload.path(s))) for i, (u, s) in enumerate(workload.recordings)],
                           lambda finished: settled.setdefault(finished.file, finished), lambda seconds: None)  # fmt: skip
     finally:
         transcription.close()

@@ -27,9 +27,10 @@ import numpy as np
 # held up now and then, against a drain (the batch emptying down to its longest clip)
 # each time a delivery comes a moment late.
 STARVED_WAIT_S = 0.1
-# While a replica holds work it answers `results` once this long has passed and it has
-# some, so the driver handles a few calls per replica per second whatever the rate.
-REPLY_INTERVAL_S = 0.2
+# While a replica holds work it answers `results` once it has decoded `answer_at` segments
+# since its last answer, or once this long has passed and it has some: the driver makes one
+# call per `answer_at` segments at high rates, and at most a few per second at low ones.
+REPLY_INTERVAL_S = 0.5
 # `results` returns after this long even without a result, so the driver notices a
 # replica that died.
 POLL_S = 2.0
@@ -56,12 +57,12 @@ class EngineReplica:
     requests in flight finish and waits for the next delivery.
     """
 
-    def __init__(self, make_decoder: Callable[[], object], decoding, batch_size: int):
+    def __init__(self, make_decoder: Callable[[], object], decoding, batch_size: int, answer_at: int = 1):
         # Replicas may share a node's cores: vLLM's CPU backend would bind every one of them to all cores.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         self.decoder = make_decoder()
         self.incarnation = uuid.uuid4().hex
-        self.decoding, self.batch_size = decoding, batch_size
+        self.decoding, self.batch_size, self.answer_at = decoding, batch_size, answer_at
         self.inbox: queue.Queue = queue.Queue()
         self.ready = threading.Condition()
         self.done: list[tuple[Hashable, str, str]] = []
@@ -85,13 +86,15 @@ class EngineReplica:
 
     def results(self) -> tuple[str, list[tuple[Hashable, str, str]]]:
         """The incarnation, and what is decoded since the last call as `(key, text, error)`: once there
-        is some and `REPLY_INTERVAL_S` has passed since the last answer, or after `POLL_S`."""
+        are `answer_at` results, or some and `REPLY_INTERVAL_S` has passed since the last answer, or
+        after `POLL_S`."""
         deadline = time.monotonic() + POLL_S
 
         def answer() -> bool:
             if self.failure is not None:
                 return True
-            return bool(self.done) and time.monotonic() - self.last_reply >= REPLY_INTERVAL_S
+            return len(self.done) >= self.answer_at or bool(self.done) and \
+                time.monotonic() - self.last_reply >= REPLY_INTERVAL_S  # fmt: skip
 
         with self.ready:
             while not answer() and (left := deadline - time.monotonic()) > 0:

@@ -60,8 +60,11 @@ from .recordings import Assembler, FileFailed, SegmentReady, segment_events
 # What a node must have for the plugin to load in its vLLM engines.
 PLUGIN_DISTRIBUTION = "fireredasr-vllm"
 PLUGIN_ENTRY_POINT = ("vllm.general_plugins", "fireredasr_vllm:register")
-# CPUs a read task asks for: it mostly waits on storage, the resampler and the VAD.
-READ_CPUS = 0.5
+# CPUs a read task asks for: reading is CPU work (decoding, resampling, the VAD). A whole one
+# also keeps the read tasks within Ray's pool of worker processes (one per CPU): with half a CPU
+# each, Ray ended the idle workers over that between blocks and started new ones, each loading
+# torch again (docs/scaling.md).
+READ_CPUS = 1.0
 # Files one read task reads at most, in input order: enough that starting tasks costs little
 # against reading, fewer when there are few files (every read task gets some).
 BLOCK_FILES = 64
@@ -81,6 +84,10 @@ READ_RETRIES = 3
 MAX_REPLICA_DEATHS = 3
 # A replica whose call failed (Ray restarts it; calls fail at once meanwhile) is asked again after this.
 RETRY_S = 0.5
+# Once something is ready, the driver waits this much longer for more before it handles them:
+# each pass of its loop (waits, dispatch, calls) then serves several answers and chunks. Far
+# below a replica's reply interval, so replicas get their segments no later to speak of.
+GATHER_S = 0.01
 
 # A traceback's exception line: `package.module.SomeError: message` at the start of a line.
 EXCEPTION_LINE = re.compile(r"^(?:\w+\.)*(\w+(?:Error|Exception): .*)$", re.MULTILINE)
@@ -317,7 +324,7 @@ class RayTranscription:
             actor = self.ray.remote(EngineReplica).options(max_restarts=-1, max_task_retries=0, max_concurrency=2,
                                                            **options)  # fmt: skip
             self.replicas = [
-                _Replica(actor.remote(self.make_decoder, self.job.decoding, self.job.batch_size))
+                _Replica(actor.remote(self.make_decoder, self.job.decoding, self.job.batch_size, self._answer_at))
                 for _ in range(self.job.num_replicas)
             ]
         return [replica.handle for replica in self.replicas]
@@ -325,8 +332,13 @@ class RayTranscription:
     @property
     def _capacity(self) -> int:
         """Segments a replica holds at most: its engine's batch, and enough more that it does not
-        run dry between two of the driver's deliveries (`ray_replica.REPLY_INTERVAL_S` apart)."""
+        run dry between two of the driver's deliveries (it answers when it has decoded half of
+        that more, `_answer_at`, so a delivery comes while it still has the other half)."""
         return self.job.batch_size + max(CHUNK_SEGMENTS, self.job.batch_size // 2)
+
+    @property
+    def _answer_at(self) -> int:
+        return (self._capacity - self.job.batch_size) // 2
 
     # --- the run --------------------------------------------------------------------
 
@@ -533,9 +545,9 @@ class RayTranscription:
             # At most RETRY_S, so that a replica whose call failed is asked again.
             done, _ = ray.wait(waiting, num_returns=1, timeout=RETRY_S, fetch_local=False)
             timings["wait"] += time.perf_counter() - start
-            # Everything else that is ready too, without waiting.
-            if done:
-                done, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0, fetch_local=False)
+            # And what else gets ready within GATHER_S: one pass of the loop for several answers.
+            if done and len(waiting) > 1:
+                done, _ = ray.wait(waiting, num_returns=len(waiting), timeout=GATHER_S, fetch_local=False)
             for item in done:
                 start = time.perf_counter()
                 if isinstance(item, ray.ObjectRefGenerator):
