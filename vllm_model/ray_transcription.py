@@ -70,7 +70,7 @@ READ_CPUS = 1.0
 BLOCK_FILES = 64
 # A chunk (one object in the object store) holds at most this many segments or this much
 # audio: small enough that a long recording's chunks spread over the replicas.
-CHUNK_SEGMENTS = 16
+CHUNK_SEGMENTS = 32
 CHUNK_SECONDS = 240.0
 # A file this many times the median file's size is read first, by a task of its own: reading
 # (the VAD's pass) is sequential within a file, so an hour-long recording found last would
