@@ -131,6 +131,25 @@ def test_beam_search_on_the_engine_is_the_references(aed_llm, aed_reference, cli
     assert aed_beam_search(aed_llm, short, AedDecoding(eos_penalty=0.01)) == [[]] * len(short)
 
 
+def test_the_api_serves_an_aed_repo(aed_llm, aed_repo, aed_reference, clips):
+    from fireredasr_vllm import ORIGINAL_RECIPE, FireRedAsr
+
+    expected = aed_reference.transcribe(clips, AED_GREEDY)
+    eos = aed_reference.config.eos_token_id
+    # The engine given, and the reference backend (what `fireredasr-transcribe --backend reference` runs).
+    for asr in (FireRedAsr(aed_llm), FireRedAsr(aed_repo, backend="reference")):
+        with asr:
+            found = dict(asr.transcribe_many([(clip, spec.SAMPLE_RATE) for clip in clips]))
+        segments = [found[index].segments for index in range(len(clips))]
+        assert [len(s) for s in segments] == [1] * len(clips)
+        ids = [list(s[0].token_ids) for s in segments]
+        assert [i[:-1] if i and i[-1] == eos else i for i in ids] == [r.token_ids for r in expected]
+        assert [s[0].text for s in segments] == [r.text for r in expected]
+    # The LLM's beam search and repetition penalty are not FireRedASR-AED's decoding.
+    with pytest.raises(ValueError, match="aed_beam_search"):
+        FireRedAsr(aed_llm, decoding=ORIGINAL_RECIPE)
+
+
 def test_requests_it_cannot_take_are_refused(aed_llm, aed_reference, clips):
     from fireredasr_vllm.engine import request_errors
 

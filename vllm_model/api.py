@@ -31,7 +31,14 @@ from fireredasr_converter.errors import first_line
 from .audio_input import Utterance, Waveform
 from .decoders import ReferenceBackend, VllmDecoder
 from .decoding import GREEDY, Decoding
-from .engine import check_penalty_processor, create_engine, engine_settings, shutdown_engine
+from .engine import (
+    check_aed_decoding,
+    check_penalty_processor,
+    create_engine,
+    engine_settings,
+    frames_per_token,
+    shutdown_engine,
+)
 from .errors import TranscriptionError, TranscriptionFailed, recording_error
 from .recordings import SEGMENT_MODES, FileFailed, SegmentReady, decoded_recordings, in_background, segment_events
 from .segmenter import SegmenterSettings
@@ -82,12 +89,18 @@ class FrontEnd:
     @classmethod
     def load(cls, model: str) -> FrontEnd:
         """The repo's front end, or TranscriptionFailed saying why it is not a converted repo."""
-        from fireredasr_converter.configuration import FireRedAsrLlmConfig, register_with_transformers
+        from transformers import AutoConfig
+
+        from fireredasr_converter.configuration import FireRedAsrAedConfig, FireRedAsrLlmConfig, register_with_transformers
         from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
 
         try:
             register_with_transformers()
-            return cls(FireRedAsrLlmConfig.from_pretrained(model), FireRedAsrFeatureExtractor.from_pretrained(model))
+            # FireRedASR-LLM or FireRedASR-AED, as the repo's model_type says.
+            config = AutoConfig.from_pretrained(model)
+            if not isinstance(config, (FireRedAsrLlmConfig, FireRedAsrAedConfig)):
+                raise ValueError(f"its model_type {config.model_type!r} is not a FireRedASR model's")
+            return cls(config, FireRedAsrFeatureExtractor.from_pretrained(model))
         except (OSError, ValueError, RecursionError) as error:
             # A repo's JSON is data from elsewhere: too deeply nested is refused like any other damage.
             reason = "a JSON file nests too deeply" if isinstance(error, RecursionError) else first_line(error) or type(error).__name__
@@ -102,7 +115,7 @@ class FrontEnd:
     @property
     def validate(self) -> Callable:
         """Raises ValueError for a clip the model cannot take. A partial, not a closure: Ray ships it to its read tasks."""
-        return functools.partial(self.extractor.validate_waveform, downsample_rate=self.config.encoder_downsample_rate)
+        return functools.partial(self.extractor.validate_waveform, downsample_rate=frames_per_token(self.config))
 
     @property
     def segmenter_settings(self) -> SegmenterSettings:
@@ -169,6 +182,7 @@ class FireRedAsr:
                 raise TypeError(f"model must be a converted repo's folder or Hub id, or a vllm.LLM; got {type(model).__name__}")
             self.model = os.fspath(model)
             self.front_end = FrontEnd.load(self.model)
+            check_aed_decoding(self.front_end.config, decoding)
             if backend == "reference":
                 if engine_overrides or tensor_parallel_size != 1:
                     raise ValueError("engine settings apply to backend='vllm' only")
@@ -315,6 +329,7 @@ class FireRedAsr:
         return decoding, vad
 
     def _check_engine_serves(self, decoding: Decoding) -> None:
+        check_aed_decoding(self.front_end.config, decoding)
         if self.llm is None or not decoding.needs_penalty_processor:
             return
         try:

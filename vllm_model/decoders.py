@@ -9,10 +9,11 @@ engine it is given; `VllmBackend` starts its own (and ends it on `close`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
-from .decoding import Decoding
-from .engine import create_engine, engine_settings, shutdown_engine
+from .decoding import AED_GREEDY, Decoding
+from .engine import check_aed_decoding, create_engine, engine_settings, is_aed, shutdown_engine
 from .offline import transcriptions
 
 
@@ -44,15 +45,23 @@ class VllmBackend(VllmDecoder):
 
 
 class ReferenceBackend:
-    """The reference implementation (`reference.ReferenceFireRedAsrLlm`): one clip at a time, as the original decodes."""
+    """The reference implementation (`reference.ReferenceFireRedAsrLlm`, or `aed_reference.ReferenceFireRedAsrAed`
+    for a FireRedASR-AED repo): one clip at a time, as the original decodes."""
 
     def __init__(self, model: str, *, dtype: str):
         import torch
+        from transformers import AutoConfig
 
+        from fireredasr_converter.configuration import register_with_transformers
+
+        from .aed_reference import ReferenceFireRedAsrAed
         from .reference import ReferenceFireRedAsrLlm
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = ReferenceFireRedAsrLlm.from_pretrained(model, dtype=getattr(torch, dtype), device=device)
+        register_with_transformers()
+        self.aed = is_aed(AutoConfig.from_pretrained(model))
+        reference = ReferenceFireRedAsrAed if self.aed else ReferenceFireRedAsrLlm
+        self.model = reference.from_pretrained(model, dtype=getattr(torch, dtype), device=device)
 
     def close(self) -> None:
         """Nothing to end: the model is freed with the object."""
@@ -61,6 +70,12 @@ class ReferenceBackend:
         # transformers' `generate`, one clip at a time, as the original does.
         for key, waveform in clips:
             try:
+                if self.aed:
+                    check_aed_decoding(self.model.config, decoding)
+                    greedy = dataclasses.replace(AED_GREEDY, max_new_tokens=decoding.max_new_tokens)
+                    (result,) = self.model.transcribe([waveform], greedy)
+                    yield key, result
+                    continue
                 (result,) = self.model.transcribe(
                     [waveform],
                     max_new_tokens=decoding.max_new_tokens,

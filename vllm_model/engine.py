@@ -164,10 +164,19 @@ def transcription_request(
     """One clip as a vLLM prompt: the original's transcription prompt with the audio attached.
 
     `prompt` replaces the prompt text for models whose audio placeholder is not
-    `<speech>` (stock vLLM's FireRedASR2 uses `<|AUDIO|>`).
+    `<speech>` (stock vLLM's FireRedASR2 uses `<|AUDIO|>`); FireRedASR-AED's is
+    `aed_transcription_request`.
     """
     text = spec.transcription_prompt() if prompt is None else prompt
     return {"prompt": text, "multi_modal_data": {"audio": (waveform, sampling_rate)}}
+
+
+def aed_transcription_request(waveform: np.ndarray, sampling_rate: int, decoder_start_token_id: int) -> dict:
+    """One clip as a FireRedASR-AED request: the audio as the encoder prompt, the start token as the decoder's."""
+    return {
+        "encoder_prompt": {"prompt": "", "multi_modal_data": {"audio": (waveform, sampling_rate)}},
+        "decoder_prompt": {"prompt_token_ids": [decoder_start_token_id]},
+    }
 
 
 def default_max_new_tokens(num_samples: int, downsample_rate: int, sampling_rate: int = spec.SAMPLE_RATE) -> int:
@@ -226,12 +235,34 @@ def num_samples(waveform: np.ndarray) -> int:
     return max(shape[:2]) if len(shape) == 2 else shape[0]
 
 
+def is_aed(hf_config) -> bool:
+    """Whether a converted repo's config is FireRedASR-AED's (else FireRedASR-LLM's)."""
+    from fireredasr_converter.configuration import AED_MODEL_TYPE
+
+    return hf_config.model_type == AED_MODEL_TYPE
+
+
+def frames_per_token(hf_config) -> int:
+    """Encoder frames behind one unit of the original's token limit: FireRedASR-LLM's adapter
+    stacks `encoder_downsample_rate` frames into one speech embedding; FireRedASR-AED's limit
+    is one token per encoder frame."""
+    return 1 if is_aed(hf_config) else hf_config.encoder_downsample_rate
+
+
+def check_aed_decoding(hf_config, decoding: Decoding) -> None:
+    """FireRedASR-AED runs greedy decoding through `Decoding`; refuse the LLM's beam search and penalty for it."""
+    if is_aed(hf_config) and (decoding.beam_size != 1 or decoding.repetition_penalty != 1.0):
+        raise ValueError(
+            "a FireRedASR-AED repo decodes greedily here (beam size 1, no repetition penalty); its own beam "
+            "recipe runs with fireredasr_vllm.aed_beam_search.aed_beam_search"
+        )
+
+
 def clip_token_limit(llm, num_samples: int, sampling_rate: int, max_new_tokens: int | None) -> int:
     """New tokens a clip may generate: `max_new_tokens`, or the original's N when None."""
     if max_new_tokens is not None:
         return max_new_tokens
-    downsample_rate = llm.llm_engine.model_config.hf_config.encoder_downsample_rate
-    return default_max_new_tokens(num_samples, downsample_rate, sampling_rate)
+    return default_max_new_tokens(num_samples, frames_per_token(llm.llm_engine.model_config.hf_config), sampling_rate)
 
 
 def decode(llm, token_ids: Sequence[int]) -> str:

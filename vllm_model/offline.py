@@ -27,12 +27,15 @@ from .decoding import GREEDY, Decoding
 # The engine primitives are `engine`'s; these names are imported from here in the docs and by users.
 from .engine import (  # noqa: F401
     DEFAULT_MAX_MODEL_LEN,
+    aed_transcription_request,
+    check_aed_decoding,
     check_penalty_processor,
     clip_token_limit,
     create_engine,
     decode,
     default_max_new_tokens,
     greedy_params,
+    is_aed,
     num_samples,
     request_errors,
     shutdown_engine,
@@ -93,6 +96,13 @@ def stream_transcriptions(
     if repetition_penalty != 1.0:
         check_penalty_processor(llm)
     engine = llm.llm_engine
+
+    def request(waveform):
+        hf_config = engine.model_config.hf_config
+        if is_aed(hf_config):
+            # FireRedASR-AED: the audio as the encoder prompt, the start token alone as the decoder's.
+            return aed_transcription_request(waveform, sampling_rate, hf_config.decoder_start_token_id)
+        return transcription_request(waveform, sampling_rate, prompt)
     # Unique per call: the engine may serve other callers' requests too.
     id_prefix = f"fireredasr-{uuid.uuid4().hex[:8]}-"
     pending = iter(enumerate(clips))
@@ -111,7 +121,7 @@ def stream_transcriptions(
                 request_id = f"{id_prefix}{number}"
                 try:
                     # Rendered as `LLM.generate` renders it; the engine then takes our request id.
-                    (engine_input,) = llm.renderer.render_cmpl([transcription_request(waveform, sampling_rate, prompt)])
+                    (engine_input,) = llm.renderer.render_cmpl([request(waveform)])
                     engine.add_request(
                         request_id,
                         engine_input,
@@ -163,6 +173,8 @@ def transcriptions(
             repetition_penalty=decoding.repetition_penalty,
         )
         return
+    # transformers' beam search over FireRedASR-LLM's prompt; FireRedASR-AED has its own (aed_beam_search).
+    check_aed_decoding(llm.llm_engine.model_config.hf_config, decoding)
     yield from batched_beam_search(
         llm,
         clips,
