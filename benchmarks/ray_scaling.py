@@ -24,7 +24,10 @@ ideal rate, after the replicas have started, and prints segments/s, files/s and
 the efficiency: achieved / (replicas x one replica's rate), one replica's rate
 being the simulated engine alone on the same workload (no Ray). It then says
 where the time went: the driver's CPU per segment and its loop's parts, the
-replicas' fetch, idle and starved time. Every run's output must equal, byte for
+replicas' fetch, idle and starved time, and the CPU every process of the run
+used per segment by role (driver, replicas, read workers, Ray's own), which on
+a shared machine says how much of it the run got (`--profile` writes the
+driver's cProfile). Every run's output must equal, byte for
 byte, the single engine's (`transcribe.decode_recordings` over the same
 segments in this process); the script fails otherwise.
 
