@@ -106,7 +106,9 @@ def demo_reference(demo_fp32) -> ReferenceFireRedAsrLlm:
 
 # The engines tests share, in the order their tests run (pytest_collection_modifyitems):
 # a test asks for one through these fixtures (directly or through a fixture that does).
-ENGINE_FIXTURES = ("tiny_llm", "demo_llm", "recipe_llm")
+# The documentation's pages come last, right after the demo engine's tests: the README's
+# commands run on that engine (tests/test_docs.py).
+ENGINE_FIXTURES = ("tiny_llm", "recipe_llm", "demo_llm", "doc_inputs")
 
 
 @pytest.fixture(scope="session")
@@ -140,22 +142,16 @@ def recipe_llm(engines, demo_fp32):
 
 
 @pytest.fixture
-def transcribe_in_process(engines, monkeypatch):
-    """`fireredasr-transcribe`'s vLLM backend in this process, on the suite's engines.
+def shared_engines(engines):
+    """The package's `create_engine` calls in this process go to `engines.get` for the test's length.
 
-    The CLI's `create_engine` call goes to `engines.get` with the CLI's own settings, so it
-    gets the shared engine when they match; closing the backend leaves the engine to
-    `engines`. One test still runs the CLI in its own process (test_transcribe_cli's `vllm_run`).
+    (`vllm_helpers.share_engines`.) One test still runs the CLI in its own process, as
+    users do: test_setup_script's demo next steps.
     """
-    from fireredasr_vllm import transcribe
+    from vllm_helpers import share_engines
 
-    monkeypatch.setattr(transcribe, "create_engine", engines.get)
-    monkeypatch.setattr(transcribe, "shutdown_engine", lambda llm: None)
-    # The CLI sets these for its process (quiet_vllm_logs); here they end with the test.
-    for name in ("VLLM_LOGGING_STREAM", "VLLM_LOGGING_LEVEL"):
-        monkeypatch.setenv(name, os.environ.get(name, ""))
-        if not os.environ[name]:
-            monkeypatch.delenv(name)
+    with share_engines(engines):
+        yield engines
 
 
 def pytest_collection_modifyitems(config, items):

@@ -20,32 +20,33 @@ plus the names the docs use: `FireRedASR-LLM-L` (the demo release), `clip.wav`,
 `ref_text`. The demo model stands in for FireRedASR-LLM-L. The environment is
 `.venv` activated, as README says to do.
 
-Shell blocks run line by line. A line that is a plain call of one of this
-project's console scripts (`fireredasr-transcribe ...`: no pipes, redirections or
-variables) runs in this process through the same entry point function the script
-calls, so a page's CLI runs share one Python start-up; every other line runs in
-`bash -e`. Python blocks are saved as a script and run with `python script.py`,
-as a reader would. The one change made to a block: the server gets `--port N` and
+Shell blocks run line by line. A line that calls one of this project's console
+scripts (`fireredasr-transcribe ...`) or runs a script of the checkout
+(`python setup_fireredasr.py ...`), with no pipes, redirections or variables, runs in
+this process through the function the script runs, as a reader's shell would run it
+in a new one; every other line runs in `bash -e`. Python blocks are saved as a script
+in the workspace and run in this process as `__main__`, as `python script.py` would
+run them. So a page's engines can be shared: tests/test_docs.py hands every
+`create_engine` call to the suite's engine cache, and a block's own `LLM(...)` is shut
+down after its block. The one change made to a block: the server gets `--port N` and
 the clients' `localhost:8000` becomes `localhost:N`, so that two test runs on one
 machine do not collide.
-
-    python tests/doc_blocks.py PAGE.md WORKSPACE RESULT.json
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import runpy
 import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
-import traceback
 import urllib.request
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,12 +158,12 @@ SHELL_SYNTAX = set("|&;<>$`(){}*?[]~") | {"\n"}
 
 
 def _plain_call(command: str, scripts: dict[str, str]) -> list[str] | None:
-    """The argv of a command that calls one of our console scripts and needs nothing from a shell."""
+    """The argv of a command that calls one of our console scripts (or `python SCRIPT.py`) and needs nothing from a shell."""
     try:
         words = shlex.split(command, comments=True)
     except ValueError:
         return None
-    if not words or words[0] not in scripts:
+    if not words or not (words[0] in scripts or (words[0] == "python" and len(words) > 1 and words[1].endswith(".py"))):
         return None
     code_part = command.split(" #", 1)[0]
     if any(c in SHELL_SYNTAX for c in code_part) or "=" in words[0]:
@@ -170,7 +171,13 @@ def _plain_call(command: str, scripts: dict[str, str]) -> list[str] | None:
     return words
 
 
+def _exit_code(exit_: SystemExit) -> int:
+    code = exit_.code
+    return 0 if code is None else code if isinstance(code, int) else 1
+
+
 def _call_entry_point(argv: list[str], value: str) -> int:
+    """`argv[0]` (a console script whose entry point is `value`) run in this process; its exit status."""
     import importlib
 
     module, _, function = value.partition(":")
@@ -180,13 +187,39 @@ def _call_entry_point(argv: list[str], value: str) -> int:
     try:
         entry()
     except SystemExit as exit_:
-        code = exit_.code
-        return 0 if code is None else code if isinstance(code, int) else 1
+        return _exit_code(exit_)
     finally:
         sys.argv = saved
         sys.stdout.flush()
         sys.stderr.flush()
     return 0
+
+
+def run_script(path: Path, argv: list[str], shared: Callable[[object], bool] = lambda llm: False) -> dict:
+    """A Python script run in this process as `python path *argv` would run it; its globals.
+
+    A `vllm.LLM` the script built for itself and left running is shut down here, as
+    the end of its process would; engines for which `shared` is true (the suite's,
+    handed out by a patched `create_engine`) are left to their owner.
+    """
+    from vllm import LLM
+
+    saved = sys.argv
+    sys.argv = [str(path), *argv]
+    namespace: dict = {}
+    try:
+        namespace = runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as exit_:
+        if _exit_code(exit_) != 0:
+            raise RuntimeError(f"{path.name} exited with {_exit_code(exit_)}") from exit_
+    finally:
+        sys.argv = saved
+        sys.stdout.flush()
+        sys.stderr.flush()
+    for value in namespace.values():
+        if isinstance(value, LLM) and not shared(value):
+            value.llm_engine.engine_core.shutdown()
+    return namespace
 
 
 def _free_port() -> int:
@@ -196,8 +229,15 @@ def _free_port() -> int:
 
 
 class Page:
-    def __init__(self, workspace: Path):
+    """A page's blocks run in order in `workspace` (the current directory while they run), `env` for its shells.
+
+    `shared(llm)`: whether an engine a block leaves running belongs to the caller (see `run_script`).
+    """
+
+    def __init__(self, workspace: Path, env: dict[str, str], shared: Callable[[object], bool]):
         self.workspace = workspace
+        self.env = env
+        self.shared = shared
         self.scripts = _console_scripts()
         self.server: subprocess.Popen | None = None
         self.port = _free_port()
@@ -215,7 +255,8 @@ class Page:
             script = self.workspace / f"doc_block_{Path(block.page).stem}_{block.line}.py"
             code = block.code.replace(f"localhost:{DOC_PORT}", f"localhost:{self.port}")
             script.write_text(code)
-            self._bash(f"python {shlex.quote(script.name)}", block)
+            print(f"$ python {script.name}  [in-process]", flush=True)
+            run_script(script, [], self.shared)
         else:
             for command in _commands(block.code):
                 argv = _plain_call(command, self.scripts)
@@ -223,6 +264,9 @@ class Page:
                     self._bash(command, block)
                     continue
                 print(f"$ {command}  [in-process]", flush=True)
+                if argv[0] == "python":
+                    run_script(self.workspace / argv[1], argv[2:], self.shared)
+                    continue
                 code = _call_entry_point(argv, self.scripts[argv[0]])
                 if code != 0:
                     raise RuntimeError(f"{block.where}: `{command.strip()}` exited with {code}")
@@ -230,11 +274,7 @@ class Page:
     def _bash(self, command: str, block: Block) -> None:
         print(f"$ {command}", flush=True)
         done = subprocess.run(
-            ["bash", "-e", "-o", "pipefail", "-c", command],
-            cwd=self.workspace,
-            timeout=BLOCK_TIMEOUT_S,
-            stdout=sys.stdout,
-            stderr=sys.stderr,
+            ["bash", "-e", "-o", "pipefail", "-c", command], cwd=self.workspace, env=self.env, timeout=BLOCK_TIMEOUT_S
         )
         if done.returncode != 0:
             raise RuntimeError(f"{block.where}: `{command.strip()}` exited with {done.returncode}")
@@ -245,7 +285,7 @@ class Page:
         print(f"$ {command} &", flush=True)
         log = open(self.workspace / "server.log", "w")
         self.server = subprocess.Popen(
-            ["bash", "-c", command], cwd=self.workspace, stdout=log, stderr=subprocess.STDOUT,
+            ["bash", "-c", command], cwd=self.workspace, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + SERVER_START_S
@@ -273,10 +313,10 @@ class Page:
         self.server = None
 
 
-def run_page(page: Path, workspace: Path) -> dict:
-    """Run a page's cpu/vllm/server/client blocks in order; stop at the first failure."""
-    results = []
-    runner = Page(workspace)
+def run_page(page: Path, workspace: Path, env: dict[str, str], shared: Callable[[object], bool]) -> list[Block]:
+    """Run a page's cpu/vllm/server/client blocks in order; the blocks run, or the first failure, raised with its place."""
+    runner = Page(workspace, env, shared)
+    done = []
     try:
         for block in blocks(page):
             if block.mode in (None, "skip"):
@@ -284,19 +324,15 @@ def run_page(page: Path, workspace: Path) -> dict:
             started = time.monotonic()
             try:
                 runner.run(block)
-            except Exception as error:  # reported with the block's place, then the page stops
-                traceback.print_exc()
+            except Exception as error:
                 detail = f"\n--- server log ---\n{runner.server_log()}" if runner.server is not None else ""
-                results.append({**asdict(block), "ok": False, "error": f"{error}{detail}"})
-                break
-            results.append({**asdict(block), "ok": True, "seconds": round(time.monotonic() - started, 1)})
+                raise BlockFailed(f"{block.where}: {error}{detail}") from error
+            print(f"===== {block.where}: {time.monotonic() - started:.1f} s", flush=True)
+            done.append(block)
     finally:
         runner.close()
-    return {"page": str(page.relative_to(REPO)), "results": results}
+    return done
 
 
-if __name__ == "__main__":
-    page_arg, workspace_arg, result_arg = sys.argv[1:4]
-    os.chdir(workspace_arg)
-    report = run_page(REPO / page_arg, Path(workspace_arg).resolve())
-    Path(result_arg).write_text(json.dumps(report, indent=1))
+class BlockFailed(RuntimeError):
+    pass

@@ -189,7 +189,7 @@ def engine_asr(demo_llm):
 
 
 @pytest.mark.vllm
-def test_a_long_recording_equals_the_clis_json_lines(engine_asr, files, demo_fp32, transcribe_in_process, tmp_path):
+def test_a_long_recording_equals_the_clis_json_lines(engine_asr, files, demo_fp32, shared_engines, tmp_path):
     segments, info = engine_asr.transcribe(str(files["long"]))
     got = list(segments)
     output = tmp_path / "out.jsonl"

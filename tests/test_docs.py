@@ -3,14 +3,15 @@
 The convention and the workspace the blocks run in: tests/doc_blocks.py. A page
 whose blocks start vLLM (marker `vllm`, `server`, `client`) is in the `vllm`
 lane, a page whose blocks only run commands in the `slow` lane; `make test-fast`
-keeps the marker check, which needs no process.
+keeps the marker check, which needs no process. The blocks run in this process
+(servers in their own), on the suite's shared engines: `.demo/converted` is the
+suite's demo conversion, so the README's commands reuse the demo engine the tests
+before them started.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,15 +19,14 @@ import numpy as np
 import pytest
 import soundfile
 
-from doc_blocks import PAGES, REPO, blocks, marker_problems
+from doc_blocks import PAGES, REPO, blocks, marker_problems, run_page
+from vllm_helpers import share_engines
 
 from fireredasr_vllm import demo
 
 ALL_BLOCKS = [block for page in PAGES for block in blocks(page)]
 SKIPPED = [block for block in ALL_BLOCKS if block.mode == "skip"]
 ENGINE_MODES = {"vllm", "server", "client"}
-# A page's blocks run in one runner process; the longest page (serving.md) starts a handful of engines.
-PAGE_TIMEOUT_S = 1200
 
 
 def test_every_block_is_marked():
@@ -56,13 +56,15 @@ def test_the_convention_is_enforced(tmp_path, monkeypatch):
     assert "without a marker" in problems[0][0] and "needs its reason" in problems[1][0] and problems[2] == []
 
 
-def test_only_plain_calls_of_the_project_scripts_run_in_process():
+def test_only_plain_calls_of_the_project_scripts_and_python_scripts_run_in_process():
     from doc_blocks import _plain_call
 
     scripts = {"fireredasr-transcribe": "fireredasr_vllm.transcribe:main"}
     assert _plain_call("fireredasr-transcribe -m ./out a.wav   # to stdout", scripts) == ["fireredasr-transcribe", "-m", "./out", "a.wav"]
+    assert _plain_call("python setup_fireredasr.py --demo .demo", scripts) == ["python", "setup_fireredasr.py", "--demo", ".demo"]
     for command in ("fireredasr-transcribe -m ./out a.wav > text", "X=1 fireredasr-transcribe a.wav",
-                    "fireredasr-transcribe $ARGS", "python setup_fireredasr.py --demo .demo"):
+                    "fireredasr-transcribe $ARGS", "python -m vllm.entrypoints.openai.api_server --model ./out",
+                    "python setup_fireredasr.py ./a ./out | tee log", "fireredasr-score ref hyp && echo done"):
         assert _plain_call(command, scripts) is None, command
 
 
@@ -89,12 +91,10 @@ def _heldout(language: str) -> list[tuple[str, Path, str]]:
 
 
 @pytest.fixture(scope="session")
-def doc_inputs(tmp_path_factory) -> Path:
-    """What the docs' commands name, made once: the demo conversion and a few audio files."""
-    from fireredasr_converter.pipeline import convert
-
+def doc_inputs(tmp_path_factory, demo_fp32) -> Path:
+    """What the docs' commands name, made once: `converted` (the demo in fp32, as `make demo` makes it) and audio files."""
     root = tmp_path_factory.mktemp("doc_inputs")
-    convert(demo.RELEASE_DIR, root / "converted", dtype="fp32")
+    (root / "converted").symlink_to(demo_fp32)
     english, mandarin = _heldout("en"), _heldout("zh")
     picked = [english[0], mandarin[0], english[1]]
     (root / "wav.scp").write_text("".join(f"{uttid} {path}\n" for uttid, path, _ in picked))
@@ -144,23 +144,10 @@ def _activated_environment() -> dict[str, str]:
 
 
 @pytest.mark.parametrize("page", _page_params())
-def test_page_blocks_run(page, doc_inputs, tmp_path):
+def test_page_blocks_run(page, doc_inputs, engines, tmp_path, monkeypatch):
     workspace = _workspace(tmp_path / "ws", doc_inputs)
-    result_path = tmp_path / "result.json"
-    log_path = tmp_path / "log.txt"
+    monkeypatch.chdir(workspace)
     runnable = [block for block in blocks(page) if block.mode not in ("skip", None)]
-    with open(log_path, "w") as log:
-        done = subprocess.run(
-            [sys.executable, str(REPO / "tests" / "doc_blocks.py"), str(page.relative_to(REPO)), str(workspace), str(result_path)],
-            cwd=workspace,
-            env=_activated_environment(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            timeout=PAGE_TIMEOUT_S,
-        )
-    log_tail = log_path.read_text(errors="replace")[-8000:]
-    assert done.returncode == 0 and result_path.exists(), f"the block runner failed ({done.returncode}):\n{log_tail}"
-    results = json.loads(result_path.read_text())["results"]
-    failed = [r for r in results if not r["ok"]]
-    assert not failed, f"{failed[0]['page']}:{failed[0]['line']}: {failed[0]['error']}\n--- log ---\n{log_tail}"
-    assert [r["line"] for r in results] == [block.line for block in runnable]
+    with share_engines(engines):
+        done = run_page(page, workspace, _activated_environment(), shared=lambda llm: llm is engines.engine)
+    assert [block.line for block in done] == [block.line for block in runnable]

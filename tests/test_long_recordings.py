@@ -232,7 +232,7 @@ def test_subtitles_need_a_folder_and_existing_files_need_resume_or_overwrite(ref
 
 @pytest.mark.vllm
 def test_vllm_gives_the_reference_json_lines(demo_fp32, recordings, reference_outputs, tmp_path, demo_llm,
-                                             transcribe_in_process):  # fmt: skip
+                                             shared_engines):  # fmt: skip
     # The CLI's Python entry on the suite's demo engine (the settings the CLI asks for by default).
     scp, _ = recordings
     output = tmp_path / "vllm.jsonl"

@@ -1,7 +1,8 @@
 """`fireredasr-transcribe` on the tiny converted fixture.
 
-One run through the vLLM backend (a subprocess, as users run it) over a wav.scp
-with good clips at several rates and channel counts, a corrupt file, a clip too
+One run through the vLLM backend (the CLI's entry in this process, on the suite's
+shared tiny engine; test_setup_script runs the console script in its own process)
+over a wav.scp with good clips at several rates and channel counts, a corrupt file, a clip too
 short to transcribe and a missing file. A second run resumes a copy of its output
 cut in the middle of a line, through the reference backend in-process, and must
 end with the very same file. The input and output handling runs on its own,
@@ -11,19 +12,16 @@ without a model.
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
 from tolerances import F32_EPS
+from vllm_helpers import share_engines
 
 from fireredasr_converter import spec
 from fireredasr_converter.fixtures import synthetic_speech
-from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
 from fireredasr_vllm.audio_input import InputError, collect_utterances, load_audio
 from fireredasr_vllm.transcribe import EXIT_PARTIAL, main
 from fireredasr_vllm.transcript_formats import kaldi_text
@@ -60,9 +58,8 @@ def wav_scp(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def expected_text(converted_fp32, wav_scp):
+def expected_text(reference, wav_scp):
     """The reference implementation's transcript of every good clip, read as the CLI reads it."""
-    reference = ReferenceFireRedAsrLlm.from_pretrained(converted_fp32)
     paths = dict(line.split(maxsplit=1) for line in wav_scp.read_text(encoding="utf-8").splitlines())
     return {
         uttid: kaldi_text(reference.transcribe([load_audio(paths[uttid])])[0].text)
@@ -72,22 +69,18 @@ def expected_text(converted_fp32, wav_scp):
 
 
 @pytest.fixture(scope="module")
-def vllm_run(converted_fp32, wav_scp, tmp_path_factory):
+def vllm_run(converted_fp32, wav_scp, tmp_path_factory, engines, tiny_llm):
     output = tmp_path_factory.mktemp("vllm-run") / "text"
-    # The suite's one run of the console script in its own process, as users run it (its
-    # own engine); the other CLI tests call its Python entry on the suite's shared engines.
-    command = [
-        str(Path(sys.executable).parent / "fireredasr-transcribe"),
-        "--model", str(converted_fp32), "--wav-scp", str(wav_scp), "--output", str(output),
-    ]  # fmt: skip
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    return completed, output
+    with share_engines(engines):  # the CLI's own settings: it gets the live tiny_llm engine
+        result = CliRunner().invoke(main, ["--model", str(converted_fp32), "--wav-scp", str(wav_scp), "--output", str(output)])
+    assert engines.engine is tiny_llm, "the CLI asked for other engine settings than create_engine's defaults"
+    return result, output
 
 
 @pytest.mark.vllm
 def test_vllm_backend_transcribes_good_clips_and_reports_bad_ones(vllm_run, expected_text):
     completed, output = vllm_run
-    assert completed.returncode == EXIT_PARTIAL, completed.stderr[-3000:]
+    assert completed.exit_code == EXIT_PARTIAL, completed.stderr[-3000:]
     lines = output.read_text(encoding="utf-8").splitlines()
     # In input order, only the good ones, each equal to the reference's transcript.
     assert [line.split("\t", 1)[0] for line in lines] == list(expected_text)
@@ -204,7 +197,7 @@ def _demo_wav_scp(folder, count: int = 12):
     return scp
 
 
-def test_recipe_original_is_a_shorthand_that_takes_no_overrides(demo_fp32, tmp_path):
+def test_recipe_original_is_a_shorthand_that_takes_no_overrides(demo_fp32, demo_reference, tmp_path):
     scp = _demo_wav_scp(tmp_path, count=3)
     mixed = CliRunner().invoke(main, ["-m", str(demo_fp32), "--wav-scp", str(scp), "--recipe", "original",
                                       "--beam-size", "4"])  # fmt: skip
@@ -214,10 +207,9 @@ def test_recipe_original_is_a_shorthand_that_takes_no_overrides(demo_fp32, tmp_p
     result = CliRunner().invoke(main, ["-m", str(demo_fp32), "--wav-scp", str(scp), "-o", str(output), "-q",
                                        "--backend", "reference", "--recipe", "original"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    reference = ReferenceFireRedAsrLlm.from_pretrained(demo_fp32)
     paths = dict(line.split(maxsplit=1) for line in scp.read_text(encoding="utf-8").splitlines())
     expected = {
-        uttid: kaldi_text(reference.transcribe([load_audio(path)], num_beams=3, repetition_penalty=3.0,
+        uttid: kaldi_text(demo_reference.transcribe([load_audio(path)], num_beams=3, repetition_penalty=3.0,
                                                length_penalty=1.0)[0].text)  # fmt: skip
         for uttid, path in paths.items()
     }
@@ -225,7 +217,7 @@ def test_recipe_original_is_a_shorthand_that_takes_no_overrides(demo_fp32, tmp_p
 
 
 @pytest.mark.vllm
-def test_vllm_recipe_gives_the_reference_transcripts(demo_fp32, tmp_path, recipe_llm, transcribe_in_process):
+def test_vllm_recipe_gives_the_reference_transcripts(demo_fp32, tmp_path, recipe_llm, shared_engines):
     # Both backends through the CLI's Python entry; the vLLM one on the suite's engine with the
     # penalty processor, the one the CLI asks create_engine for (same model and settings).
     scp = _demo_wav_scp(tmp_path)

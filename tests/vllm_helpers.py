@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +14,7 @@ from tolerances import float32_atol, speech_encoder_reduction_length
 
 from fireredasr_converter import spec
 from fireredasr_converter.fixtures import TINY_SHAPES
+from fireredasr_vllm import engine as engine_module
 
 # vLLM's CPU backend sizes its KV cache from this variable (GiB); the tiny model needs little.
 CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -23,6 +28,10 @@ ENGINE_KWARGS = {
     "gpu_memory_utilization": 0.2,
     "seed": 0,
 }
+
+# The product's functions, whatever `share_engines` does to the modules that imported them.
+PRODUCT_CREATE_ENGINE, PRODUCT_SHUTDOWN_ENGINE = engine_module.create_engine, engine_module.shutdown_engine
+
 
 class Engines:
     """The suite's vLLM engines, built with the product's `create_engine`: at most one alive at a time.
@@ -43,8 +52,6 @@ class Engines:
         self.started: list[tuple] = []  # every engine built, in order: what tests/test_engines.py checks
 
     def get(self, model, **settings):
-        from fireredasr_vllm.offline import create_engine
-
         settings = {**self.DEFAULTS, **settings}
         key = (str(Path(model).resolve()), tuple(sorted(settings.items())))
         if self.engine is not None and key == self.key:
@@ -62,17 +69,45 @@ class Engines:
             # The engine core in this process, as create_engine builds it for users on CPU.
             env.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
             # Statistics on: test_recipe's prefix-cache test reads the engine's hit counters.
-            self.engine = create_engine(model, disable_log_stats=False, **settings)
+            self.engine = PRODUCT_CREATE_ENGINE(model, disable_log_stats=False, **settings)
         self.key = key
         self.started.append(key)
         return self.engine
 
     def close(self) -> None:
-        from fireredasr_vllm.offline import shutdown_engine
-
         if self.engine is not None:
             engine, self.engine, self.key = self.engine, None, None
-            shutdown_engine(engine)
+            PRODUCT_SHUTDOWN_ENGINE(engine)
+
+
+@contextlib.contextmanager
+def share_engines(engines: Engines) -> Iterator[Engines]:
+    """While it lasts, the package's `create_engine` calls in this process go to `engines.get`.
+
+    Every module of `fireredasr_vllm` that imported `create_engine` (the CLI, the API,
+    the decoders, `offline`) calls `engines.get` with its own settings, so a call with
+    the settings of the live engine gets that engine, and `shutdown_engine` leaves it
+    to `engines`. The CLI's logging variables (quiet_vllm_logs sets them for its
+    process) are restored at the end.
+    """
+    from fireredasr_vllm import api, decoders, offline, transcribe  # noqa: F401  (loaded before patching)
+
+    def shutdown(llm):
+        if llm is not engines.engine:
+            PRODUCT_SHUTDOWN_ENGINE(llm)
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, module in list(sys.modules.items()):
+            if name.startswith("fireredasr_vllm."):
+                if getattr(module, "create_engine", None) is PRODUCT_CREATE_ENGINE:
+                    patch.setattr(module, "create_engine", engines.get)
+                if getattr(module, "shutdown_engine", None) is PRODUCT_SHUTDOWN_ENGINE:
+                    patch.setattr(module, "shutdown_engine", shutdown)
+        for variable in ("VLLM_LOGGING_STREAM", "VLLM_LOGGING_LEVEL"):
+            patch.setenv(variable, os.environ.get(variable, ""))
+            if not os.environ[variable]:
+                patch.delenv(variable)
+        yield engines
 
 
 # Clip lengths in samples at 16 kHz. Together they cover every residue of the fbank
