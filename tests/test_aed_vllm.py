@@ -132,7 +132,7 @@ def test_beam_search_on_the_engine_is_the_references(aed_llm, aed_reference, cli
 
 
 def test_the_api_serves_an_aed_repo(aed_llm, aed_repo, aed_reference, clips):
-    from fireredasr_vllm import ORIGINAL_RECIPE, FireRedAsr
+    from fireredasr_vllm import ORIGINAL_RECIPE, FireRedAsr, TranscriptionFailed
 
     expected = aed_reference.transcribe(clips, AED_GREEDY)
     eos = aed_reference.config.eos_token_id
@@ -145,9 +145,12 @@ def test_the_api_serves_an_aed_repo(aed_llm, aed_repo, aed_reference, clips):
         ids = [list(s[0].token_ids) for s in segments]
         assert [i[:-1] if i and i[-1] == eos else i for i in ids] == [r.token_ids for r in expected]
         assert [s[0].text for s in segments] == [r.text for r in expected]
-    # The LLM's beam search and repetition penalty are not FireRedASR-AED's decoding.
-    with pytest.raises(ValueError, match="aed_beam_search"):
+    # The LLM's beam search and repetition penalty are not FireRedASR-AED's decoding: refused at
+    # start (fireredasr-transcribe prints it as its one-line error) and per call.
+    with pytest.raises(TranscriptionFailed, match="aed_beam_search"):
         FireRedAsr(aed_llm, decoding=ORIGINAL_RECIPE)
+    with pytest.raises(ValueError, match="aed_beam_search"):
+        FireRedAsr(aed_llm).transcribe((clips[0], spec.SAMPLE_RATE), decoding=ORIGINAL_RECIPE)
 
 
 def test_requests_it_cannot_take_are_refused(aed_llm, aed_reference, clips):

@@ -177,12 +177,13 @@ class FireRedAsr:
             self.llm = model
             self.model = str(model.llm_engine.model_config.model)
             self.front_end = FrontEnd.load(self.model)
+            self._check_model_decodes(decoding)
         else:
             if not isinstance(model, (str, os.PathLike)):
                 raise TypeError(f"model must be a converted repo's folder or Hub id, or a vllm.LLM; got {type(model).__name__}")
             self.model = os.fspath(model)
             self.front_end = FrontEnd.load(self.model)
-            check_aed_decoding(self.front_end.config, decoding)
+            self._check_model_decodes(decoding)
             if backend == "reference":
                 if engine_overrides or tensor_parallel_size != 1:
                     raise ValueError("engine settings apply to backend='vllm' only")
@@ -327,6 +328,13 @@ class FireRedAsr:
             raise ValueError(f"segment must be one of {', '.join(SEGMENT_MODES)}, got {segment!r}")
         self._check_engine_serves(decoding)
         return decoding, vad
+
+    def _check_model_decodes(self, decoding: Decoding) -> None:
+        """At start: a decoding the model has not (the LLM's beam search on FireRedASR-AED) means nothing can be transcribed."""
+        try:
+            check_aed_decoding(self.front_end.config, decoding)
+        except ValueError as error:
+            raise TranscriptionFailed(str(error)) from None
 
     def _check_engine_serves(self, decoding: Decoding) -> None:
         check_aed_decoding(self.front_end.config, decoding)
