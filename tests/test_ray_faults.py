@@ -137,3 +137,14 @@ def test_a_file_that_kills_every_reader_is_reported_alone(scaling, ray_local, wo
     assert [f"{uttid}\t{texts[uttid].text}" for uttid, _ in workload.recordings if uttid != always] == lines
     assert (tmp_path / once).exists()
     assert transcription.counts["reader_failures"] == 2  # the block, then the always-crashing file alone
+
+
+def test_a_lone_replica_that_dies_is_waited_for(scaling, ray_local, workload, engine, expected, tmp_path):
+    # One replica, dying once as it gets its 20th result: no other replica can take its segments, and
+    # calls fail at once while Ray restarts it; the driver asks again until the new one answers.
+    reader = scaling.SimulatedReader(scaling.ReadModel(0.0, 0.0, 0.0), True)
+    dying = functools.partial(scaling.DyingEngine, engine, True, str(tmp_path), 20, 1)
+    result = scaling.ray_run(ray_local, workload, reader, engine, 1, BATCH, make_decoder=dying)
+    assert (tmp_path / "death-0").exists()
+    assert result["counts"]["replica_deaths"] == 1 and result["counts"]["requeued"] > 0, result["counts"]
+    assert result["output"] == expected

@@ -541,6 +541,11 @@ class RayTranscription:
             waiting = list(calls)
             if ready_segments() < ready_limit:
                 waiting += list(readers)
+            if not waiting:
+                # Nothing in flight: every replica with work is being restarted. Until the first is asked again.
+                retry = min((r.retry_at for r in self.replicas if not r.gone), default=0.0)
+                time.sleep(max(GATHER_S, retry - time.monotonic()))
+                continue
             start = time.perf_counter()
             # At most RETRY_S, so that a replica whose call failed is asked again.
             done, _ = ray.wait(waiting, num_returns=1, timeout=RETRY_S, fetch_local=False)
