@@ -33,8 +33,13 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) setup_fireredasr.py --demo .demo
 
+# The main suite on TEST_WORKERS pytest-xdist workers (one per core of a 2-core CI machine):
+# the tests on the suite's shared engines stay together on one worker, in order
+# (tests/conftest.py), and each worker's engines get their own cores.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 	$(MAKE) test-vllm-0.33 test-vllm-0.34
 
 # Everything except the tests that start vLLM engines (marker `vllm`) and those that run a script or

@@ -44,6 +44,27 @@ def pytest_configure(config):
     if threads < 1:
         raise pytest.UsageError(f"{THREADS_VARIABLE} must be a positive thread count, got {threads}")
     torch.set_num_threads(threads)
+    _bind_this_workers_engines_to_its_cores()
+
+
+# Set by vLLM's CPU worker from this variable: the cores its OpenMP threads are bound to.
+CPU_BIND_VARIABLE = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def _bind_this_workers_engines_to_its_cores() -> None:
+    """Under pytest-xdist (`make test` runs two workers), each worker's engines get their own cores.
+
+    vLLM's CPU engine binds its OpenMP threads to every core by default; two workers'
+    engines (in-process, or the servers and scripts a worker starts, which inherit the
+    variable) would then spin-wait on the same cores and stall each other at every
+    operator. Worker i of n takes every n-th core from the i-th; a value the user set wins.
+    """
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker is None or count < 2 or CPU_BIND_VARIABLE in os.environ:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    mine = cores[int(worker.removeprefix("gw")) % count :: count]
+    os.environ[CPU_BIND_VARIABLE] = ",".join(map(str, mine)) if mine else "nobind"
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -111,14 +132,35 @@ def demo_reference(demo_fp32) -> ReferenceFireRedAsrLlm:
 ENGINE_FIXTURES = ("tiny_llm", "recipe_llm", "demo_llm", "doc_inputs")
 
 
+# The session's `Engines`, once a test asked for it: pytest_runtest_teardown ends its engine.
+_ENGINES = []
+
+
 @pytest.fixture(scope="session")
 def engines():
     """The suite's vLLM engines (`vllm_helpers.Engines`, built with the product's `create_engine`)."""
     from vllm_helpers import Engines
 
     factory = Engines()
+    _ENGINES.append(factory)
     yield factory
     factory.close()
+
+
+def _uses_engines(item) -> bool:
+    return item is not None and "engines" in getattr(item, "fixturenames", ())
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """The engine ends with the last test of the run that uses the suite's engines.
+
+    Under pytest-xdist other tests may follow on the same worker; an engine left alive
+    would hold its cores and keep vLLM's environment frozen for them (vLLM caches its
+    environment variables in a process that hosts an engine core).
+    """
+    if _uses_engines(item) and not _uses_engines(nextitem):
+        for factory in _ENGINES:
+            factory.close()
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +202,12 @@ def pytest_collection_modifyitems(config, items):
     Stable: tests without a shared engine keep their order and run first; then each
     ENGINE_FIXTURES group, in which tests that also build engines of their own
     (`engines` among their arguments) run last, after the shared engine served the rest.
+    Under pytest-xdist with `--dist loadgroup` (`make test`) every test on the shared
+    engines goes to one worker, in this order; the others spread over the workers.
     """
+    for item in items:
+        if "engines" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("engines"))
 
     def rank(item):
         names = getattr(item, "fixturenames", ())

@@ -231,10 +231,10 @@ def test_vllm_recipe_gives_the_reference_transcripts(demo_fp32, tmp_path, recipe
     assert len(outputs["vllm"].read_text(encoding="utf-8").splitlines()) == 12
 
 
-def test_transcripts_held_back_by_an_earlier_recording_are_counted_and_ray_audio_is_drawn_with_its_file(capsys):
+def test_transcripts_held_back_by_an_earlier_recording_are_counted_and_the_progress_line_sums_the_segments_audio(capsys):
     """After Ctrl-C the summary says how many transcribed recordings wait for an earlier one (the
-    output keeps input order); a Ray row's audio draws no progress line of its own (it showed an RTF
-    at 0 files)."""
+    output keeps input order); the progress line adds up the audio reported segment by segment
+    (either engine reports it per segment)."""
     from fireredasr_vllm.transcribe import OrderedWriter, Progress
 
     written = []
@@ -246,7 +246,7 @@ def test_transcripts_held_back_by_an_earlier_recording_are_counted_and_ray_audio
     assert (written, writer.written, writer.waiting) == (["first", "third"], 2, 0)
 
     progress = Progress(files=1, audio_seconds=5.0, enabled=True)
-    progress.count_audio(5.0)
-    assert capsys.readouterr().err == ""
+    progress.audio(2.0)
+    progress.audio(3.0)
     progress.file(True)
     assert capsys.readouterr().err.startswith("1/1 files (0 skipped), 5.0/5.0 s of audio")

@@ -134,10 +134,6 @@ class Progress:
         self.audio_seconds += seconds
         self._show()
 
-    def count_audio(self, seconds: float) -> None:
-        """Audio that arrives with a whole file (a Ray row): drawn with that file, not as a line without it."""
-        self.audio_seconds += seconds
-
     def file(self, ok: bool) -> None:
         if ok:
             self.done += 1
@@ -340,7 +336,7 @@ def _transcribe(utterances: list[Utterance], job: Job, sink, finished: set[str])
 
     interrupted = False
     try:
-        transcription.run(pending, report, progress.count_audio if job.engine == "ray" else progress.audio)
+        transcription.run(pending, report, progress.audio)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -385,8 +381,9 @@ def _decoding(recipe, beam_size, repetition_penalty, length_penalty, max_new_tok
 MEMORY_NOTE = (
     f"Memory for audio stays bounded whatever a file's length: at most (--batch-size + {QUEUED_SEGMENTS}) "
     f"segments of at most 30 s, plus about {PLANNING_SECONDS / 60 + 1:.0f} min of voice-activity look-ahead, "
-    "at 16 kHz float32 (64 kB/s): about 180 MB at the defaults. With --engine ray a recording's segments "
-    "travel together: each file must fit in a Ray worker's memory (1 h is 230 MB)."
+    "at 16 kHz float32 (64 kB/s): about 180 MB at the defaults. With --engine ray it stays bounded the same "
+    "way: a recording's segments stream from its read task in chunks and spread over the replicas, each "
+    "holding at most its batch and half again plus one chunk; no process holds a whole file."
 )
 
 
