@@ -8,17 +8,19 @@ files come from the target (`targets`, `stock_vllm`), `repo_configs`,
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import torch
 
-from .aed_release import AedRelease, discover_aed_release, is_aed_release
+from .aed_release import discover_aed_release, is_aed_release
 from .aed_repo import (
     aed_provenance,
     check_aed_tokenizer,
@@ -165,7 +167,14 @@ def convert(
         )
         if not dry_run:
             _check_free_space(out, plan)
-            _write_repo(release, plan, options, output_format, out, overwrite, _Progress(plan, enabled=not quiet))
+            _write_repo(
+                release.input_files, plan, out, overwrite, _Progress(plan, enabled=not quiet),
+                small_files=functools.partial(_write_llm_files, release=release, plan=plan, options=options,
+                                              output_format=output_format),
+                check_small_files=lambda folder: check_tokenizer(
+                    folder, release.llm.tokenizer.speech_token_id, output_format.speech_token
+                ),
+            )  # fmt: skip
         return result
     finally:
         release.llm.weights.close()
@@ -182,23 +191,31 @@ def _check_free_space(out: Path, plan: ConversionPlan) -> None:
 
 
 def _write_repo(
-    release: Release,
+    input_files: list,
     plan: ConversionPlan,
-    options: ConversionOptions,
-    output_format: OutputFormat,
     out: Path,
     overwrite: bool,
     progress: _Progress,
+    small_files: Callable[[Path, dict[Path, str]], None],
+    check_small_files: Callable[[Path], None],
 ) -> None:
-    hasher = InputHasher(release.input_files)
+    """Stage, stream the weights, write the format's small files, verify, then put the repo at `out`.
+
+    The same for every release kind; `small_files(folder, input_hashes)` writes the
+    tokenizer, configs and card, `check_small_files(folder)` checks what it wrote after
+    the shards are checked against the plan.
+    """
+    hasher = InputHasher(input_files)
     try:
         with StagedOutput(out, overwrite) as staged:
             progress.say(f"writing {len(plan.tensors)} tensors to {out}")
             with _one_core_left_free():
                 _write_weights(staged.path, plan, progress)
-            _write_small_files(staged.path, release, plan, options, output_format, hasher)
+            small_files(staged.path, hasher.result())
             progress.say("verifying")
-            _verify(staged.path, plan, release, output_format)
+            check_index_and_shards(staged.path, plan)
+            check_tensor_values(staged.path, plan)
+            check_small_files(staged.path)
             staged.commit()
         progress.say(f"done: {out} ({len(plan.shards)} shard(s), {format_size(plan.total_size)})")
     except OSError as error:
@@ -240,24 +257,14 @@ def _write_weights(folder: Path, plan: ConversionPlan, progress: _Progress) -> N
     write_index(folder, plan.total_size, plan.weight_map())
 
 
-def _write_small_files(
-    folder: Path,
-    release: Release,
-    plan: ConversionPlan,
-    options: ConversionOptions,
+def _write_llm_files(
+    folder: Path, input_hashes: dict[Path, str], release: Release, plan: ConversionPlan, options: ConversionOptions,
     output_format: OutputFormat,
-    hasher: InputHasher,
 ) -> None:
     write_tokenizer(release.llm.tokenizer, folder, output_format.speech_token)
     write_generation_config(release, folder)
-    conversion = provenance(release, plan, options, hasher.result())
+    conversion = provenance(release, plan, options, input_hashes)
     output_format.write_files(folder, release, plan, options, conversion)
-
-
-def _verify(folder: Path, plan: ConversionPlan, release: Release, output_format: OutputFormat) -> None:
-    check_index_and_shards(folder, plan)
-    check_tensor_values(folder, plan)
-    check_tokenizer(folder, release.llm.tokenizer.speech_token_id, output_format.speech_token)
 
 
 # --- FireRedASR-AED -----------------------------------------------------------------------
@@ -303,27 +310,11 @@ def _convert_aed(
     )
     if not dry_run:
         _check_free_space(out, plan)
-        _write_aed_repo(release, plan, options, out, overwrite, _Progress(plan, enabled=not quiet))
+        _write_repo(
+            release.input_files, plan, out, overwrite, _Progress(plan, enabled=not quiet),
+            small_files=lambda folder, input_hashes: write_aed_files(
+                folder, release, plan, options, aed_provenance(release, options, input_hashes)
+            ),
+            check_small_files=lambda folder: check_aed_tokenizer(folder, release),
+        )
     return result
-
-
-def _write_aed_repo(
-    release: AedRelease, plan: ConversionPlan, options: ConversionOptions, out: Path, overwrite: bool, progress: _Progress
-) -> None:
-    hasher = InputHasher(release.input_files)
-    try:
-        with StagedOutput(out, overwrite) as staged:
-            progress.say(f"writing {len(plan.tensors)} tensors to {out}")
-            with _one_core_left_free():
-                _write_weights(staged.path, plan, progress)
-            write_aed_files(staged.path, release, plan, options, aed_provenance(release, options, hasher.result()))
-            progress.say("verifying")
-            check_index_and_shards(staged.path, plan)
-            check_tensor_values(staged.path, plan)
-            check_aed_tokenizer(staged.path, release)
-            staged.commit()
-        progress.say(f"done: {out} ({len(plan.shards)} shard(s), {format_size(plan.total_size)})")
-    except OSError as error:
-        raise output_error(error, out.parent) from None
-    finally:
-        hasher.cancel()
