@@ -23,7 +23,7 @@ decoding (`temperature=0`) runs at vLLM's full speed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,17 +32,10 @@ from fireredasr_converter import aed_spec, spec
 
 from .aed_reference import best_hypothesis
 from .decoding import AedDecoding
+from .engine import clip_token_limit, num_samples
 
 # What the engine needs for `aed_beam_search`: the step scores after the temperature.
 AED_ENGINE_SETTINGS = {"logprobs_mode": "processed_logprobs"}
-
-
-def clip_limit(num_samples: int, sampling_rate: int, decoding: AedDecoding) -> int:
-    """New tokens a clip may get: `max_new_tokens`, or one per encoder frame (the original's decode_max_len=0)."""
-    if decoding.max_new_tokens is not None:
-        return decoding.max_new_tokens
-    samples_16k = round(num_samples * spec.SAMPLE_RATE / sampling_rate)
-    return spec.encoder_frame_count(spec.fbank_frame_count(samples_16k))
 
 
 @dataclass
@@ -53,7 +46,7 @@ class _Clip:
     scores: torch.Tensor  # [B, 1] float32
     finished: torch.Tensor  # [B, 1] bool
     step: int = 0
-    result: list[int] | None = field(default=None)
+    result: list[int] | None = None
 
 
 def aed_beam_search(
@@ -74,7 +67,8 @@ def aed_beam_search(
     first = torch.tensor([0.0] + [fill] * (B - 1), dtype=torch.float32)
     clips = [
         _Clip(
-            np.asarray(waveform), clip_limit(len(waveform), sampling_rate, decoding), [[sos] for _ in range(B)],
+            np.asarray(waveform), clip_token_limit(llm, num_samples(waveform), sampling_rate, decoding.max_new_tokens),
+            [[sos] for _ in range(B)],
             first[:, None].clone(), torch.zeros(B, 1, dtype=torch.bool),
         )  # fmt: skip
         for waveform in waveforms
