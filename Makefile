@@ -33,9 +33,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) setup_fireredasr.py --demo .demo
 
-# The main suite on TEST_WORKERS pytest-xdist workers (one per core of a 2-core CI machine):
-# the tests on the suite's shared engines stay together on one worker, in order
-# (tests/conftest.py), and each worker's engines get their own cores.
+# The main suite on TEST_WORKERS pytest-xdist workers (one per core of a 2-core CI machine;
+# the fast lanes too): the tests on the suite's shared engines stay together on one worker,
+# in order (tests/conftest.py), and each worker's engines get their own cores.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
@@ -45,7 +45,7 @@ test: $(STAMP)
 # Everything except the tests that start vLLM engines (marker `vllm`) and those that run a script or
 # console command in its own process or ask the registry (marker `slow`); `make test` runs them all.
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not vllm and not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not vllm and not slow"
 
 # Other x86 CPUs on this one: oneDNN, MKL and ATen pick their SIMD kernels from these
 # variables, and a narrower SIMD width (or another thread count) reorders float32 sums as
@@ -56,13 +56,13 @@ SSE_KERNELS := ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 ATEN_CPU_
 # The fast lane once more under a kernel set no x86-64 CI machine has natively (SSE) and 2
 # threads, so a tolerance tuned to one CPU fails here (.ci/run runs it after `make test`).
 test-portable: $(STAMP)
-	$(SSE_KERNELS) FIREREDASR_TEST_THREADS=2 $(PY) -m pytest -q -m "not vllm and not slow"
+	$(SSE_KERNELS) FIREREDASR_TEST_THREADS=2 $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not vllm and not slow"
 
 # The fast lane under native, AVX2-limited and SSE-limited kernels, each with 1 and 2 threads.
 test-kernels: $(STAMP)
 	for kernels in "" "$(AVX2_KERNELS)" "$(SSE_KERNELS)"; do for threads in 1 2; do \
 	  echo "== kernels: $${kernels:-native}, threads: $$threads"; \
-	  env $$kernels FIREREDASR_TEST_THREADS=$$threads $(PY) -m pytest -q -m "not vllm and not slow" || exit 1; \
+	  env $$kernels FIREREDASR_TEST_THREADS=$$threads $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not vllm and not slow" || exit 1; \
 	done; done
 
 # vLLM 0.33: the engine tests and the version tests under 0.33.0's Python files laid over
@@ -72,7 +72,7 @@ test-vllm-0.33: $(STAMP)
 	$(PY) .ci/vllm_overlay.py 0.33.0 .vllm-0.33.0
 	$(call OVERLAY_ENV,0.33.0) $(PY) -c 'import vllm; assert vllm.__version__ == "0.33.0", vllm.__version__'
 	$(call OVERLAY_ENV,0.33.0) $(PY) -m pytest -q $(PYTHON_LANE_TESTS)
-	$(call OVERLAY_ENV,0.33.0) $(PY) -m pytest -m vllm $(ENGINE_LANE_TESTS)
+	$(call OVERLAY_ENV,0.33.0) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m vllm $(ENGINE_LANE_TESTS)
 
 # vLLM 0.34 (what `pip install vllm` gives): everything that builds no VllmConfig, under
 # 0.34.0's Python files (no V1 runner; the V1 tests report themselves skipped).
