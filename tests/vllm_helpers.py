@@ -15,19 +15,16 @@ from tolerances import float32_atol, speech_encoder_reduction_length
 from fireredasr_converter import spec
 from fireredasr_converter.fixtures import TINY_SHAPES
 from fireredasr_vllm import engine as engine_module
+from fireredasr_vllm.engine import CPU_ENGINE_SETTINGS, DEFAULT_MAX_MODEL_LEN
 
 # vLLM's CPU backend sizes its KV cache from this variable (GiB); the tiny model needs little.
 CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
-# Eager mode: torch.compile would dominate engine startup on CPU. 1024 positions hold the
-# longest accepted clip (30 s: N = 375 placeholders) plus the prompt and N generated tokens.
-MAX_MODEL_LEN = 1024
-ENGINE_KWARGS = {
-    "enforce_eager": True,
-    "max_model_len": MAX_MODEL_LEN,
-    "gpu_memory_utilization": 0.2,
-    "seed": 0,
-}
+# The engines tests build without `create_engine` (stock vLLM, the server, Model Runner V2's
+# parts) get its CPU settings too. MAX_MODEL_LEN holds the longest accepted clip (30 s:
+# N = 375 placeholders) plus the prompt and N generated tokens.
+MAX_MODEL_LEN = DEFAULT_MAX_MODEL_LEN
+ENGINE_KWARGS = {**CPU_ENGINE_SETTINGS, "max_model_len": MAX_MODEL_LEN, "seed": 0}
 
 # The product's functions, whatever `share_engines` does to the modules that imported them.
 PRODUCT_CREATE_ENGINE, PRODUCT_SHUTDOWN_ENGINE = engine_module.create_engine, engine_module.shutdown_engine

@@ -25,6 +25,14 @@ from .decoding import Decoding
 # as many generated tokens as embeddings.
 DEFAULT_MAX_MODEL_LEN = 1024
 
+# What `create_engine` adds on a CPU platform. Eager mode: the CPU backend compiles slowly.
+# A share of RAM for vLLM's memory check, which otherwise wants 92% of it free. Blocks of
+# 32 tokens: the default 128 is longer than most prompts (a 10 s clip is ~140 tokens), and
+# prefix caching only reuses whole blocks, so beam search, whose every step re-sends each
+# beam's prompt, would recompute it all (measured in docs/benchmarks.md, "The CPU
+# engine"); 32 is the smallest block the CPU attention backend takes.
+CPU_ENGINE_SETTINGS = {"enforce_eager": True, "gpu_memory_utilization": 0.2, "block_size": 32}
+
 
 def request_errors() -> tuple[type[Exception], ...]:
     """What one request can be refused with, while the engine goes on serving the others.
@@ -70,14 +78,9 @@ def create_engine(
     if penalty_processor:
         settings["logits_processors"] = [HFRepetitionPenalty]
     if current_platform.is_cpu():
-        # The CPU backend sizes its KV cache from this variable (GiB) and compiles slowly.
+        # The CPU backend sizes its KV cache from this variable (GiB).
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        # Its default 128-token blocks are longer than most prompts (a 10 s clip is
-        # ~140 tokens), and prefix caching only reuses whole blocks: beam search,
-        # whose every step re-sends each beam's prompt, then recomputes it all
-        # (measured in docs/benchmarks.md, "The CPU engine"). 32 is the smallest
-        # block the CPU attention backend takes.
-        settings.update(enforce_eager=True, gpu_memory_utilization=0.2, block_size=32)
+        settings.update(CPU_ENGINE_SETTINGS)
         _drop_thread_binding_warnings()
         construction = _engine_in_this_process()
     else:
