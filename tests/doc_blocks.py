@@ -45,7 +45,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,12 +194,15 @@ def _call_entry_point(argv: list[str], value: str) -> int:
     return 0
 
 
-def run_script(path: Path, argv: list[str], shared: Callable[[object], bool] = lambda llm: False) -> dict:
+def run_script(path: Path, argv: list[str], engines=None) -> dict:
     """A Python script run in this process as `python path *argv` would run it; its globals.
 
     A `vllm.LLM` the script built for itself and left running is shut down here, as
-    the end of its process would; engines for which `shared` is true (the suite's,
-    handed out by a patched `create_engine`) are left to their owner.
+    the end of its process would. `engines` (the suite's `Engines`, whose engine the
+    script may have been handed by a patched `create_engine`) is left its own engine,
+    except when the script built another one: two engine cores in one process share
+    vLLM's process-wide parallel state, which the other one's shutdown tears down, so
+    the suite's engine is ended too and the next request builds it again.
     """
     from vllm import LLM
 
@@ -216,9 +218,12 @@ def run_script(path: Path, argv: list[str], shared: Callable[[object], bool] = l
         sys.argv = saved
         sys.stdout.flush()
         sys.stderr.flush()
-    for value in namespace.values():
-        if isinstance(value, LLM) and not shared(value):
-            value.llm_engine.engine_core.shutdown()
+    shared = engines.engine if engines is not None else None
+    own = [value for value in namespace.values() if isinstance(value, LLM) and value is not shared]
+    for llm in own:
+        llm.llm_engine.engine_core.shutdown()
+    if own and engines is not None:
+        engines.close()
     return namespace
 
 
@@ -231,13 +236,13 @@ def _free_port() -> int:
 class Page:
     """A page's blocks run in order in `workspace` (the current directory while they run), `env` for its shells.
 
-    `shared(llm)`: whether an engine a block leaves running belongs to the caller (see `run_script`).
+    `engines`: the suite's shared engines the blocks' `create_engine` calls get (see `run_script`).
     """
 
-    def __init__(self, workspace: Path, env: dict[str, str], shared: Callable[[object], bool]):
+    def __init__(self, workspace: Path, env: dict[str, str], engines=None):
         self.workspace = workspace
         self.env = env
-        self.shared = shared
+        self.engines = engines
         self.scripts = _console_scripts()
         self.server: subprocess.Popen | None = None
         self.port = _free_port()
@@ -256,7 +261,7 @@ class Page:
             code = block.code.replace(f"localhost:{DOC_PORT}", f"localhost:{self.port}")
             script.write_text(code)
             print(f"$ python {script.name}  [in-process]", flush=True)
-            run_script(script, [], self.shared)
+            run_script(script, [], self.engines)
         else:
             for command in _commands(block.code):
                 argv = _plain_call(command, self.scripts)
@@ -265,7 +270,7 @@ class Page:
                     continue
                 print(f"$ {command}  [in-process]", flush=True)
                 if argv[0] == "python":
-                    run_script(self.workspace / argv[1], argv[2:], self.shared)
+                    run_script(self.workspace / argv[1], argv[2:], self.engines)
                     continue
                 code = _call_entry_point(argv, self.scripts[argv[0]])
                 if code != 0:
@@ -313,9 +318,9 @@ class Page:
         self.server = None
 
 
-def run_page(page: Path, workspace: Path, env: dict[str, str], shared: Callable[[object], bool]) -> list[Block]:
+def run_page(page: Path, workspace: Path, env: dict[str, str], engines=None) -> list[Block]:
     """Run a page's cpu/vllm/server/client blocks in order; the blocks run, or the first failure, raised with its place."""
-    runner = Page(workspace, env, shared)
+    runner = Page(workspace, env, engines)
     done = []
     try:
         for block in blocks(page):

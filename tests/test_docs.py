@@ -149,5 +149,5 @@ def test_page_blocks_run(page, doc_inputs, engines, tmp_path, monkeypatch):
     monkeypatch.chdir(workspace)
     runnable = [block for block in blocks(page) if block.mode not in ("skip", None)]
     with share_engines(engines):
-        done = run_page(page, workspace, _activated_environment(), shared=lambda llm: llm is engines.engine)
+        done = run_page(page, workspace, _activated_environment(), engines)
     assert [block.line for block in done] == [block.line for block in runnable]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -26,6 +27,18 @@ CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 MAX_MODEL_LEN = DEFAULT_MAX_MODEL_LEN
 ENGINE_KWARGS = {**CPU_ENGINE_SETTINGS, "max_model_len": MAX_MODEL_LEN, "seed": 0}
 
+def _same_dtype_as_auto(model, dtype: str) -> str:
+    """`dtype` as the engine runs it, for a bf16 repo: "auto" and "bfloat16" build the same engine.
+
+    (The CLI and the API ask for the repo's own dtype by name, a plain `create_engine(repo)`
+    for "auto".) An fp32 repo's "auto" stays itself: vLLM would run it in half precision.
+    """
+    if dtype != "auto":
+        return dtype
+    config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    return "bfloat16" if (config.get("torch_dtype") or config.get("dtype")) == "bfloat16" else dtype
+
+
 # The product's functions, whatever `share_engines` does to the modules that imported them.
 PRODUCT_CREATE_ENGINE, PRODUCT_SHUTDOWN_ENGINE = engine_module.create_engine, engine_module.shutdown_engine
 
@@ -46,11 +59,11 @@ class Engines:
     def __init__(self):
         self.key: tuple | None = None
         self.engine = None
-        self.started: list[tuple] = []  # every engine built, in order: what tests/test_engines.py checks
 
     def get(self, model, **settings):
         settings = {**self.DEFAULTS, **settings}
-        key = (str(Path(model).resolve()), tuple(sorted(settings.items())))
+        key_settings = {**settings, "dtype": _same_dtype_as_auto(model, settings["dtype"])}
+        key = (str(Path(model).resolve()), tuple(sorted(key_settings.items())))
         if self.engine is not None and key == self.key:
             return self.engine
         self.close()
@@ -68,7 +81,6 @@ class Engines:
             # Statistics on: test_recipe's prefix-cache test reads the engine's hit counters.
             self.engine = PRODUCT_CREATE_ENGINE(model, disable_log_stats=False, **settings)
         self.key = key
-        self.started.append(key)
         return self.engine
 
     def close(self) -> None:
