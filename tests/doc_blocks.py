@@ -45,6 +45,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,9 +171,19 @@ def _plain_call(command: str, scripts: dict[str, str]) -> list[str] | None:
     return words
 
 
-def _exit_code(exit_: SystemExit) -> int:
-    code = exit_.code
-    return 0 if code is None else code if isinstance(code, int) else 1
+def _run_as_command(argv: list[str], main: Callable[[], object]) -> tuple[int, object]:
+    """`main()` run with `sys.argv` = `argv`, as a command would: its exit status and what it returned."""
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        return 0, main()
+    except SystemExit as exit_:
+        code = exit_.code
+        return (0 if code is None else code if isinstance(code, int) else 1), None
+    finally:
+        sys.argv = saved
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 def _call_entry_point(argv: list[str], value: str) -> int:
@@ -180,18 +191,8 @@ def _call_entry_point(argv: list[str], value: str) -> int:
     import importlib
 
     module, _, function = value.partition(":")
-    entry = getattr(importlib.import_module(module), function)
-    saved = sys.argv
-    sys.argv = argv
-    try:
-        entry()
-    except SystemExit as exit_:
-        return _exit_code(exit_)
-    finally:
-        sys.argv = saved
-        sys.stdout.flush()
-        sys.stderr.flush()
-    return 0
+    code, _ = _run_as_command(argv, getattr(importlib.import_module(module), function))
+    return code
 
 
 def run_script(path: Path, argv: list[str], engines=None) -> dict:
@@ -206,18 +207,10 @@ def run_script(path: Path, argv: list[str], engines=None) -> dict:
     """
     from vllm import LLM
 
-    saved = sys.argv
-    sys.argv = [str(path), *argv]
-    namespace: dict = {}
-    try:
-        namespace = runpy.run_path(str(path), run_name="__main__")
-    except SystemExit as exit_:
-        if _exit_code(exit_) != 0:
-            raise RuntimeError(f"{path.name} exited with {_exit_code(exit_)}") from exit_
-    finally:
-        sys.argv = saved
-        sys.stdout.flush()
-        sys.stderr.flush()
+    code, namespace = _run_as_command([str(path), *argv], lambda: runpy.run_path(str(path), run_name="__main__"))
+    if code != 0:
+        raise RuntimeError(f"{path.name} exited with {code}")
+    namespace = namespace or {}
     shared = engines.engine if engines is not None else None
     own = [value for value in namespace.values() if isinstance(value, LLM) and value is not shared]
     for llm in own:
