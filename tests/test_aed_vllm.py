@@ -4,8 +4,9 @@ One fp32 engine on a tiny converted AED repo (the session `engines` fixture):
 greedy decoding through the engine gives the reference's token ids and text,
 batched and one clip at a time; the engine's per-step log-probabilities are the
 reference decoder's within float32 tolerance; the original's beam search driven
-on the engine (`aed_beam_search`) gives the reference's tokens; requests the
-model cannot take are refused while the engine keeps serving.
+on the engine (`aed_beam_search`) gives the reference's tokens, also through
+`FireRedAsr` and `fireredasr-transcribe --recipe original`; requests the model
+cannot take are refused while the engine keeps serving.
 """
 
 import dataclasses
@@ -18,10 +19,11 @@ from tolerances import aed_decoder_reduction_length, conformer_reduction_length,
 from fireredasr_converter import spec
 from fireredasr_converter.fixtures import TINY_AED_SHAPES, build_aed_release, synthetic_speech
 from fireredasr_converter.pipeline import convert
-from fireredasr_vllm.aed_beam_search import AED_ENGINE_SETTINGS, aed_beam_search
+from fireredasr_vllm.aed_beam_search import aed_beam_search
 from fireredasr_vllm.aed_model import encoder_frames
 from fireredasr_vllm.aed_reference import ReferenceFireRedAsrAed
 from fireredasr_vllm.decoding import AED_GREEDY, AED_RECIPE, AedDecoding
+from fireredasr_vllm.engine import AED_ENGINE_SETTINGS
 
 pytestmark = pytest.mark.vllm
 
@@ -146,11 +148,47 @@ def test_the_api_serves_an_aed_repo(aed_llm, aed_repo, aed_reference, clips):
         assert [i[:-1] if i and i[-1] == eos else i for i in ids] == [r.token_ids for r in expected]
         assert [s[0].text for s in segments] == [r.text for r in expected]
     # The LLM's beam search and repetition penalty are not FireRedASR-AED's decoding: refused at
-    # start (fireredasr-transcribe prints it as its one-line error) and per call.
-    with pytest.raises(TranscriptionFailed, match="aed_beam_search"):
+    # start and per call, naming the AED recipe.
+    with pytest.raises(TranscriptionFailed, match="AED_RECIPE"):
         FireRedAsr(aed_llm, decoding=ORIGINAL_RECIPE)
-    with pytest.raises(ValueError, match="aed_beam_search"):
+    with pytest.raises(ValueError, match="AED_RECIPE"):
         FireRedAsr(aed_llm).transcribe((clips[0], spec.SAMPLE_RATE), decoding=ORIGINAL_RECIPE)
+
+
+def test_the_recipe_through_the_api_and_the_cli_gives_the_references_ids(
+    aed_llm, aed_repo, aed_reference, clips, converted_fp32, shared_engines, tmp_path
+):
+    import soundfile as sf
+    from click.testing import CliRunner
+
+    from fireredasr_vllm import FireRedAsr, TranscriptionFailed
+    from fireredasr_vllm.transcribe import main
+    from fireredasr_vllm.transcript_formats import kaldi_text
+
+    expected = aed_reference.transcribe(clips)  # the README's recipe: beam 3, smoothing 1.25, lp 0.6
+    # Not greedy's texts: the CLI's output shows which search ran.
+    assert [r.text for r in expected] != [r.text for r in aed_reference.transcribe(clips, AED_GREEDY)]
+    with FireRedAsr(aed_llm, decoding=AED_RECIPE, batch_size=6) as asr:  # two clips in flight: clips join mid-search
+        found = dict(asr.transcribe_many([(clip, spec.SAMPLE_RATE) for clip in clips]))
+    segments = [found[index].segments for index in range(len(clips))]
+    assert [[list(s.token_ids) for s in segs] for segs in segments] == [[r.token_ids] for r in expected]
+    assert [[s.text for s in segs] for segs in segments] == [[r.text] for r in expected]
+
+    # `--recipe original` picks the repo's own recipe; the CLI asks create_engine for this engine's settings.
+    paths = []
+    for index, clip in enumerate(clips):
+        paths.append(tmp_path / f"clip{index}.wav")
+        sf.write(paths[-1], clip, spec.SAMPLE_RATE, subtype="FLOAT")
+    output = tmp_path / "text"
+    result = CliRunner().invoke(main, ["-m", str(aed_repo), *map(str, paths), "-o", str(output), "-q",
+                                       "--recipe", "original"])  # fmt: skip
+    assert result.exit_code == 0, result.output[-3000:]
+    lines = output.read_text(encoding="utf-8").splitlines()
+    assert lines == [f"clip{index}\t{kaldi_text(r.text)}" for index, r in enumerate(expected)]
+
+    # FireRedASR-AED's decoding is refused for a FireRedASR-LLM repo before anything loads.
+    with pytest.raises(TranscriptionFailed, match="FireRedASR-LLM repo"):
+        FireRedAsr(converted_fp32, decoding=AED_RECIPE, backend="reference")
 
 
 def test_requests_it_cannot_take_are_refused(aed_llm, aed_reference, clips):

@@ -2,13 +2,14 @@
 
 The search's bookkeeping is the reference's (`aed_reference.batch_beam_search`),
 step for step and in the same float32 arithmetic; only the decoder's step runs in
-vLLM. Each step sends every unfinished beam of every clip as one request: the
-clip's audio as the encoder prompt, the beam's tokens (the start token first) as
-the decoder prompt, one new token, and the top log-probabilities of the
+vLLM. Each step sends every unfinished beam of every running clip as one request:
+the clip's audio as the encoder prompt, the beam's tokens (the start token first)
+as the decoder prompt, one new token, and the top log-probabilities of the
 *processed* logits (the engine must run with `logprobs_mode="processed_logprobs"`,
-see `AED_ENGINE_SETTINGS`): with temperature = `softmax_smoothing` vLLM returns
+`engine.AED_ENGINE_SETTINGS`): with temperature = `softmax_smoothing` vLLM returns
 log_softmax(logits / softmax_smoothing), the original's step scores. The sampled
-token itself is not used.
+token itself is not used. `aed_batched_beam_search` streams clips through it (what
+`offline.transcriptions` runs for an `AedDecoding`); `aed_beam_search` decodes a list.
 
 The EOS penalty needs EOS's score even when EOS is not among the returned top
 tokens: while it might still enter the beam's top B after the penalty (its score
@@ -22,7 +23,7 @@ decoding (`temperature=0`) runs at vLLM's full speed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,14 +33,14 @@ from fireredasr_converter import aed_spec, spec
 
 from .aed_reference import best_hypothesis
 from .decoding import AedDecoding
-from .engine import clip_token_limit, num_samples
-
-# What the engine needs for `aed_beam_search`: the step scores after the temperature.
-AED_ENGINE_SETTINGS = {"logprobs_mode": "processed_logprobs"}
+from .engine import AED_ENGINE_SETTINGS  # noqa: F401  (importable from here, as before)
+from .engine import check_aed_beam_engine, clip_token_limit, decode, num_samples, request_errors
+from .transcript_formats import Transcript
 
 
 @dataclass
 class _Clip:
+    key: Hashable
     waveform: np.ndarray
     limit: int
     ys: list[list[int]]  # B beams, each the start token and the tokens so far
@@ -52,57 +53,93 @@ class _Clip:
 def aed_beam_search(
     llm, waveforms: Sequence[np.ndarray], decoding: AedDecoding, sampling_rate: int = spec.SAMPLE_RATE
 ) -> list[list[int]]:
-    """Each clip's best hypothesis (tokens before EOS), as `ReferenceFireRedAsrAed.generate_ids` gives it."""
+    """Each clip's best hypothesis (tokens before EOS), as `ReferenceFireRedAsrAed.generate_ids` gives it.
+
+    All clips decode together; a clip the engine refuses raises its error.
+    """
+    ids: list[list[int]] = [[] for _ in waveforms]
+    found = aed_batched_beam_search(
+        llm, enumerate(waveforms), decoding, max_in_flight=max(1, len(waveforms)), sampling_rate=sampling_rate
+    )
+    for index, result in found:
+        if isinstance(result, Exception):
+            found.close()
+            raise result
+        ids[index] = list(result.token_ids)
+    return ids
+
+
+def aed_batched_beam_search(
+    llm,
+    clips: Iterable[tuple[Hashable, np.ndarray]],
+    decoding: AedDecoding,
+    *,
+    max_in_flight: int = 16,
+    sampling_rate: int = spec.SAMPLE_RATE,
+) -> Iterator[tuple[Hashable, Transcript | Exception]]:
+    """The original's beam search for many clips on one engine; yields (key, Transcript | Exception) as clips finish.
+
+    Up to `max_in_flight` clips decode together, a step at a time; when one
+    finishes, the next is pulled from `clips` and joins at the next step (each
+    step sends every beam anew, so a clip can join at any step). A transcript's
+    `token_ids` are the best hypothesis's tokens before EOS, as the reference's.
+    A clip the engine refuses comes back as its exception; the others go on.
+    """
     from vllm import SamplingParams
 
+    if max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+    check_aed_beam_engine(llm)
     config = llm.llm_engine.model_config.hf_config
-    mode = llm.llm_engine.model_config.logprobs_mode
-    if mode != AED_ENGINE_SETTINGS["logprobs_mode"]:
-        raise ValueError(
-            f"the engine returns {mode}; FireRedASR-AED's beam search needs the engine started with "
-            "logprobs_mode='processed_logprobs' (fireredasr_vllm.aed_beam_search.AED_ENGINE_SETTINGS)"
-        )
     B, sos, eos = decoding.beam_size, config.decoder_start_token_id, config.eos_token_id
-    fill = aed_spec.BEAM_FILL_SCORE
-    first = torch.tensor([0.0] + [fill] * (B - 1), dtype=torch.float32)
-    clips = [
-        _Clip(
-            np.asarray(waveform), clip_token_limit(llm, num_samples(waveform), sampling_rate, decoding.max_new_tokens),
-            [[sos] for _ in range(B)],
-            first[:, None].clone(), torch.zeros(B, 1, dtype=torch.bool),
-        )  # fmt: skip
-        for waveform in waveforms
-    ]
+    first = torch.tensor([0.0] + [aed_spec.BEAM_FILL_SCORE] * (B - 1), dtype=torch.float32)
     # The most log-probabilities one request may ask for (also enough when it is the whole vocabulary).
     most = min(config.vocab_size, llm.llm_engine.model_config.max_logprobs)
-    while any(clip.result is None for clip in clips):
+    pending = iter(clips)
+    running: list[_Clip] = []
+    exhausted = False
+    while True:
+        while not exhausted and len(running) < max_in_flight:
+            pair = next(pending, None)
+            if pair is None:
+                exhausted = True
+                break
+            key, waveform = pair
+            waveform = np.asarray(waveform)
+            limit = clip_token_limit(llm, num_samples(waveform), sampling_rate, decoding.max_new_tokens)
+            running.append(_Clip(key, waveform, limit, [[sos] for _ in range(B)], first[:, None].clone(),
+                                 torch.zeros(B, 1, dtype=torch.bool)))  # fmt: skip
+        if not running:
+            return
         # The distinct unfinished beams of the running clips: (clip, tokens) -> top scores.
         wanted = {}
-        for index, clip in enumerate(clips):
-            if clip.result is None:
-                for b in range(B):
-                    if not clip.finished[b, 0]:
-                        wanted.setdefault((index, tuple(clip.ys[b])), None)
-        width = {key: B for key in wanted}
+        for index, clip in enumerate(running):
+            for b in range(B):
+                if not clip.finished[b, 0]:
+                    wanted.setdefault((index, tuple(clip.ys[b])), None)
+        width = dict.fromkeys(wanted, B)
+        refused: dict[int, Exception] = {}
         while any(value is None for value in wanted.values()):
-            keys = [key for key, value in wanted.items() if value is None]
-            prompts = [
-                {
-                    "encoder_prompt": {
-                        "prompt": "", "multi_modal_data": {"audio": (clips[index].waveform, sampling_rate)}
+            requests = {
+                key: (
+                    {
+                        "encoder_prompt": {
+                            "prompt": "", "multi_modal_data": {"audio": (running[key[0]].waveform, sampling_rate)}
+                        },
+                        "decoder_prompt": {"prompt_token_ids": list(key[1])},
                     },
-                    "decoder_prompt": {"prompt_token_ids": list(tokens)},
-                }  # fmt: skip
-                for index, tokens in keys
-            ]
-            params = [
-                SamplingParams(
-                    temperature=decoding.softmax_smoothing, max_tokens=1, logprobs=width[key],
-                    detokenize=False,
-                )  # fmt: skip
-                for key in keys
-            ]
-            for key, output in zip(keys, llm.generate(prompts, params, use_tqdm=False)):
+                    SamplingParams(
+                        temperature=decoding.softmax_smoothing, max_tokens=1, logprobs=width[key], detokenize=False
+                    ),
+                )
+                for key, value in wanted.items()
+                if value is None
+            }  # fmt: skip
+            outputs, errors = _generate(llm, requests)
+            refused.update(errors)
+            for key in [key for key in wanted if key[0] in errors]:
+                del wanted[key]
+            for key, output in outputs.items():
                 step = output.outputs[0].logprobs[0]
                 wanted[key] = _top_scores(step, width[key], B, eos, decoding.eos_penalty, config.vocab_size)
                 if wanted[key] is None:
@@ -112,10 +149,39 @@ def aed_beam_search(
                             "start it with a larger max_logprobs"
                         )
                     width[key] = min(2 * width[key], most)
-        for index, clip in enumerate(clips):
+        still = []
+        for index, clip in enumerate(running):
+            if index in refused:
+                yield clip.key, refused[index]
+                continue
+            _advance(clip, [wanted.get((index, tuple(ys))) for ys in clip.ys], B, eos, decoding)
             if clip.result is None:
-                _advance(clip, [wanted.get((index, tuple(ys))) for ys in clip.ys], B, eos, decoding)
-    return [clip.result for clip in clips]
+                still.append(clip)
+            else:
+                yield clip.key, Transcript(decode(llm, clip.result), clip.result)
+        running = still
+
+
+def _generate(llm, requests: dict) -> tuple[dict, dict[int, Exception]]:
+    """One step's requests, `(clip index, tokens) -> (prompt, params)`: (outputs by key, errors by clip index).
+
+    vLLM refuses a whole `generate` call when one request is refused (it aborts the
+    others), so a refused call is retried one clip at a time to find the clips at fault.
+    """
+    keys = list(requests)
+    try:
+        outputs = llm.generate([requests[k][0] for k in keys], [requests[k][1] for k in keys], use_tqdm=False)
+        return dict(zip(keys, outputs)), {}
+    except request_errors() as error:
+        clips = sorted({index for index, _ in keys})
+        if len(clips) == 1:
+            return {}, {clips[0]: error}
+    outputs, errors = {}, {}
+    for index in clips:
+        found, refused = _generate(llm, {k: v for k, v in requests.items() if k[0] == index})
+        outputs.update(found)
+        errors.update(refused)
+    return outputs, errors
 
 
 def _top_scores(logprobs: dict, width: int, B: int, eos: int, eos_penalty: float, vocab_size: int):

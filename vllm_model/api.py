@@ -13,7 +13,8 @@ the model takes, silence left out (`segmenter.py`). `transcribe_many` decodes
 many recordings in one continuous batch, with memory bounded whatever their
 length; `fireredasr-transcribe` is a client of it. Options are small frozen
 dataclasses passed whole: `Decoding` (greedy, beam search, the original's
-recipe) and `SegmenterSettings` (the detector). A recording that cannot be
+recipe; for FireRedASR-AED `AedDecoding`, its recipe `AED_RECIPE`) and
+`SegmenterSettings` (the detector). A recording that cannot be
 transcribed is a `TranscriptionError` (`errors.py`) with a one-line message.
 """
 
@@ -30,13 +31,15 @@ from fireredasr_converter.errors import first_line
 
 from .audio_input import Utterance, Waveform
 from .decoders import ReferenceBackend, VllmDecoder
-from .decoding import GREEDY, Decoding
+from .decoding import AED_RECIPE, GREEDY, ORIGINAL_RECIPE, AedDecoding, Decoding
 from .engine import (
+    check_aed_beam_engine,
     check_aed_decoding,
     check_penalty_processor,
     create_engine,
     engine_settings,
     frames_per_token,
+    is_aed,
     shutdown_engine,
 )
 from .errors import TranscriptionError, TranscriptionFailed, recording_error
@@ -62,7 +65,7 @@ class TranscriptionInfo:
     duration: float
     duration_after_vad: float
     language: str | None
-    decoding: Decoding
+    decoding: Decoding | AedDecoding
     vad: SegmenterSettings
 
 
@@ -118,6 +121,11 @@ class FrontEnd:
         return functools.partial(self.extractor.validate_waveform, downsample_rate=frames_per_token(self.config))
 
     @property
+    def original_recipe(self) -> Decoding | AedDecoding:
+        """The original's published decoding for this model: FireRedASR-LLM's `ORIGINAL_RECIPE` or FireRedASR-AED's `AED_RECIPE`."""
+        return AED_RECIPE if is_aed(self.config) else ORIGINAL_RECIPE
+
+    @property
     def segmenter_settings(self) -> SegmenterSettings:
         """The detector's default settings for this model: segments up to its clip limit."""
         return SegmenterSettings(max_seconds=self.extractor.max_audio_seconds)
@@ -128,14 +136,17 @@ def _is_engine(model) -> bool:
 
 
 class FireRedAsr:
-    """A converted FireRedASR-LLM model ready to transcribe audio of any length.
+    """A converted FireRedASR-LLM or FireRedASR-AED model ready to transcribe audio of any length.
 
     `model` is a converted repo (a folder, or its Hugging Face Hub id), which
     starts a vLLM engine in this process with the plugin, or a running
     `vllm.LLM` of such a repo, which stays yours (settings and `close`). The
     engine is built to serve `decoding` (the default of every call: the
     original's recipe needs its repetition penalty processor registered at
-    start); `dtype` "auto" is the dtype the repo was converted to;
+    start, FireRedASR-AED's beam search `engine.AED_ENGINE_SETTINGS`); a
+    FireRedASR-AED repo decodes with an `AedDecoding` (`AED_RECIPE` is its
+    recipe) or greedily; `FrontEnd.load(model).original_recipe` is either
+    model's recipe. `dtype` "auto" is the dtype the repo was converted to;
     `engine_overrides` go to `vllm.LLM` as they are. `backend="reference"` runs
     the plain PyTorch reference instead, one clip at a time (for checking).
 
@@ -153,7 +164,7 @@ class FireRedAsr:
         self,
         model,
         *,
-        decoding: Decoding = GREEDY,
+        decoding: Decoding | AedDecoding = GREEDY,
         dtype: str = "auto",
         tensor_parallel_size: int = 1,
         seed: int = 0,
@@ -161,8 +172,7 @@ class FireRedAsr:
         backend: str = "vllm",
         **engine_overrides,
     ):
-        if not isinstance(decoding, Decoding):
-            raise TypeError(f"decoding must be a fireredasr_vllm.Decoding, got {type(decoding).__name__}")
+        _check_decoding_type(decoding)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -217,7 +227,7 @@ class FireRedAsr:
         self,
         audio,
         *,
-        decoding: Decoding | None = None,
+        decoding: Decoding | AedDecoding | None = None,
         vad: SegmenterSettings | None = None,
         segment: str = "auto",
     ) -> tuple[Iterator[TimedText], TranscriptionInfo]:
@@ -249,7 +259,7 @@ class FireRedAsr:
         )
         return self._segments_in_order(ready, decoding), info
 
-    def _segments_in_order(self, ready: list[SegmentReady], decoding: Decoding) -> Iterator[TimedText]:
+    def _segments_in_order(self, ready: list[SegmentReady], decoding: Decoding | AedDecoding) -> Iterator[TimedText]:
         finished: dict[int, object] = {}
         following = 0
         results = self._decoder.transcribe(((e.number, e.samples) for e in ready), decoding, batch_size=self.batch_size)
@@ -269,7 +279,7 @@ class FireRedAsr:
         self,
         inputs: Mapping[Hashable, Any] | Iterable,
         *,
-        decoding: Decoding | None = None,
+        decoding: Decoding | AedDecoding | None = None,
         vad: SegmenterSettings | None = None,
         segment: str = "auto",
         ordered: bool = True,
@@ -314,10 +324,9 @@ class FireRedAsr:
 
     # --- checks -------------------------------------------------------------------
 
-    def _options(self, decoding: Decoding | None, vad: SegmenterSettings | None, segment: str):
+    def _options(self, decoding: Decoding | AedDecoding | None, vad: SegmenterSettings | None, segment: str):
         decoding = self.decoding if decoding is None else decoding
-        if not isinstance(decoding, Decoding):
-            raise TypeError(f"decoding must be a fireredasr_vllm.Decoding, got {type(decoding).__name__}")
+        _check_decoding_type(decoding)
         limit = self.front_end.extractor.max_audio_seconds
         vad = self.front_end.segmenter_settings if vad is None else vad
         if not isinstance(vad, SegmenterSettings):
@@ -329,21 +338,33 @@ class FireRedAsr:
         self._check_engine_serves(decoding)
         return decoding, vad
 
-    def _check_model_decodes(self, decoding: Decoding) -> None:
-        """At start: a decoding the model has not (the LLM's beam search on FireRedASR-AED) means nothing can be transcribed."""
+    def _check_model_decodes(self, decoding: Decoding | AedDecoding) -> None:
+        """At start: a decoding the model has not (the LLM's beam search on FireRedASR-AED, an AedDecoding on
+        FireRedASR-LLM) means nothing can be transcribed."""
         try:
             check_aed_decoding(self.front_end.config, decoding)
         except ValueError as error:
             raise TranscriptionFailed(str(error)) from None
 
-    def _check_engine_serves(self, decoding: Decoding) -> None:
+    def _check_engine_serves(self, decoding: Decoding | AedDecoding) -> None:
         check_aed_decoding(self.front_end.config, decoding)
-        if self.llm is None or not decoding.needs_penalty_processor:
+        if self.llm is None:
             return
         try:
-            check_penalty_processor(self.llm)
+            if decoding.needs_penalty_processor:
+                check_penalty_processor(self.llm)
+            if isinstance(decoding, AedDecoding) and not decoding.is_greedy:
+                check_aed_beam_engine(self.llm)
         except ValueError as error:
             raise ValueError(f"{error}; FireRedAsr(model, decoding=...) with this decoding starts such an engine") from None
+
+
+def _check_decoding_type(decoding) -> None:
+    if not isinstance(decoding, (Decoding, AedDecoding)):
+        raise TypeError(
+            f"decoding must be a fireredasr_vllm.Decoding (or, for FireRedASR-AED, a fireredasr_vllm.decoding.AedDecoding), "
+            f"got {type(decoding).__name__}"
+        )
 
 
 def _source(audio, name: str) -> str | Waveform:
@@ -359,7 +380,7 @@ def _source(audio, name: str) -> str | Waveform:
     )
 
 
-def _result(transcript: RecordingTranscript, decoding: Decoding, vad: SegmenterSettings) -> Transcription:
+def _result(transcript: RecordingTranscript, decoding: Decoding | AedDecoding, vad: SegmenterSettings) -> Transcription:
     segments = transcript.segments
     info = TranscriptionInfo(
         duration=transcript.duration,

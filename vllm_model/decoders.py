@@ -5,6 +5,8 @@ Transcript or the exception that refused the clip)` in the order the clips
 finish (`recordings.ClipDecoder`), so the long-form pipeline
 (`recordings.decoded_recordings`) drives either. `VllmDecoder` decodes on an
 engine it is given; `VllmBackend` starts its own (and ends it on `close`).
+The decoding is a `Decoding`, or for FireRedASR-AED an `AedDecoding`: its beam
+search runs through `aed_beam_search`, its greedy case as vLLM's greedy decoding.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from .decoding import AED_GREEDY, Decoding
+from .aed_beam_search import aed_batched_beam_search
+from .decoding import AED_GREEDY, AedDecoding, Decoding
 from .engine import check_aed_decoding, create_engine, engine_settings, is_aed, shutdown_engine
 from .offline import transcriptions
 
@@ -26,16 +29,23 @@ class VllmDecoder:
     def close(self) -> None:
         """Nothing to end: the engine is not this decoder's."""
 
-    def transcribe(self, clips: Iterable, decoding: Decoding, *, batch_size: int):
+    def transcribe(self, clips: Iterable, decoding: Decoding | AedDecoding, *, batch_size: int):
         # batch_size counts requests; beam search keeps `beam_size` of them per clip.
         clips_in_flight = max(1, batch_size // decoding.beam_size)
+        if isinstance(decoding, AedDecoding):
+            check_aed_decoding(self.llm.llm_engine.model_config.hf_config, decoding)
+            if not decoding.is_greedy:
+                yield from aed_batched_beam_search(self.llm, clips, decoding, max_in_flight=clips_in_flight)
+                return
+            # The one-beam search picks the best token at every step: vLLM's greedy decoding.
+            decoding = Decoding(max_new_tokens=decoding.max_new_tokens)
         yield from transcriptions(self.llm, clips, decoding, max_in_flight=clips_in_flight)
 
 
 class VllmBackend(VllmDecoder):
     """A `VllmDecoder` on an engine of its own, built for `decoding` (`engine.engine_settings`)."""
 
-    def __init__(self, model: str, *, dtype: str, decoding: Decoding, tensor_parallel_size: int, seed: int):
+    def __init__(self, model: str, *, dtype: str, decoding: Decoding | AedDecoding, tensor_parallel_size: int, seed: int):
         super().__init__(
             create_engine(model, **engine_settings(decoding, dtype=dtype, tensor_parallel_size=tensor_parallel_size, seed=seed))
         )
@@ -66,14 +76,15 @@ class ReferenceBackend:
     def close(self) -> None:
         """Nothing to end: the model is freed with the object."""
 
-    def transcribe(self, clips: Iterable, decoding: Decoding, *, batch_size: int):
-        # transformers' `generate`, one clip at a time, as the original does.
+    def transcribe(self, clips: Iterable, decoding: Decoding | AedDecoding, *, batch_size: int):
+        # transformers' `generate` (FireRedASR-AED: its batch beam search), one clip at a time, as the original does.
         for key, waveform in clips:
             try:
+                check_aed_decoding(self.model.config, decoding)
                 if self.aed:
-                    check_aed_decoding(self.model.config, decoding)
-                    greedy = dataclasses.replace(AED_GREEDY, max_new_tokens=decoding.max_new_tokens)
-                    (result,) = self.model.transcribe([waveform], greedy)
+                    if isinstance(decoding, Decoding):  # greedy (check_aed_decoding refuses the rest)
+                        decoding = dataclasses.replace(AED_GREEDY, max_new_tokens=decoding.max_new_tokens)
+                    (result,) = self.model.transcribe([waveform], decoding)
                     yield key, result
                     continue
                 (result,) = self.model.transcribe(

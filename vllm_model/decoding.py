@@ -88,6 +88,17 @@ class AedDecoding:
         ):
             raise ValueError(f"max_new_tokens must be an integer of at least 1 (or None), got {self.max_new_tokens!r}")
 
+    @property
+    def is_greedy(self) -> bool:
+        """One beam and no EOS penalty: the search takes the best token at every step, which is
+        vLLM's own greedy decoding (the smoothing and the length penalty change no choice)."""
+        return self.beam_size == 1 and self.eos_penalty == 1.0
+
+    @property
+    def needs_penalty_processor(self) -> bool:
+        """The original's AED search has no repetition penalty: the engine needs no logits processor."""
+        return False
+
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value

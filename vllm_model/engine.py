@@ -19,7 +19,7 @@ import numpy as np
 
 from fireredasr_converter import spec
 
-from .decoding import Decoding
+from .decoding import AedDecoding, Decoding
 
 # Room for the longest accepted clip (30 s: 375 speech embeddings), the prompt and
 # as many generated tokens as embeddings.
@@ -32,6 +32,10 @@ DEFAULT_MAX_MODEL_LEN = 1024
 # beam's prompt, would recompute it all (measured in docs/benchmarks.md, "The CPU
 # engine"); 32 is the smallest block the CPU attention backend takes.
 CPU_ENGINE_SETTINGS = {"enforce_eager": True, "gpu_memory_utilization": 0.2, "block_size": 32}
+
+# What an engine needs for FireRedASR-AED's beam search (`aed_beam_search`): the step scores
+# after the temperature (= softmax_smoothing), i.e. the original's log_softmax(logits / smoothing).
+AED_ENGINE_SETTINGS = {"logprobs_mode": "processed_logprobs"}
 
 
 def request_errors() -> tuple[type[Exception], ...]:
@@ -90,16 +94,18 @@ def create_engine(
         return LLM(model=str(model), **settings)
 
 
-def engine_settings(decoding: Decoding, **settings) -> dict:
+def engine_settings(decoding: Decoding | AedDecoding, **settings) -> dict:
     """`create_engine`'s arguments for an engine that serves `decoding`: the one place they are derived.
 
-    The penalty processor only when the decoding asks for a penalty, and room
-    for the prompt, the longest clip and `max_new_tokens`. `settings` (dtype,
-    tensor_parallel_size, seed...) are passed through.
+    The penalty processor only when the decoding asks for a penalty, FireRedASR-AED's
+    `AED_ENGINE_SETTINGS` for an `AedDecoding`, and room for the prompt, the longest
+    clip and `max_new_tokens`. `settings` (dtype, tensor_parallel_size, seed...) are
+    passed through.
     """
     return {
         "penalty_processor": decoding.needs_penalty_processor,
         "max_model_len": DEFAULT_MAX_MODEL_LEN + (decoding.max_new_tokens or 0),
+        **(AED_ENGINE_SETTINGS if isinstance(decoding, AedDecoding) else {}),
         **settings,
     }
 
@@ -252,12 +258,34 @@ def frames_per_token(hf_config) -> int:
     return 1 if is_aed(hf_config) else hf_config.encoder_downsample_rate
 
 
-def check_aed_decoding(hf_config, decoding: Decoding) -> None:
-    """FireRedASR-AED runs greedy decoding through `Decoding`; refuse the LLM's beam search and penalty for it."""
-    if is_aed(hf_config) and (decoding.beam_size != 1 or decoding.repetition_penalty != 1.0):
+def check_aed_decoding(hf_config, decoding: Decoding | AedDecoding) -> None:
+    """Refuse a decoding the repo's model does not have.
+
+    FireRedASR-AED decodes with an `AedDecoding` (the original's beam search) or a
+    greedy `Decoding`; the LLM's beam search and repetition penalty are not its. An
+    `AedDecoding` is FireRedASR-AED's only.
+    """
+    aed = is_aed(hf_config)
+    if isinstance(decoding, AedDecoding) and not aed:
         raise ValueError(
-            "a FireRedASR-AED repo decodes greedily here (beam size 1, no repetition penalty); its own beam "
-            "recipe runs with fireredasr_vllm.aed_beam_search.aed_beam_search"
+            "an AedDecoding is FireRedASR-AED's decoding and this is a FireRedASR-LLM repo: pass a "
+            "fireredasr_vllm.Decoding (ORIGINAL_RECIPE is its recipe)"
+        )
+    if aed and isinstance(decoding, Decoding) and (decoding.beam_size != 1 or decoding.repetition_penalty != 1.0):
+        raise ValueError(
+            "a FireRedASR-AED repo takes a Decoding for greedy decoding only (beam size 1, no repetition penalty); "
+            "its own beam recipe is fireredasr_vllm.decoding.AED_RECIPE, an AedDecoding "
+            "(fireredasr-transcribe --recipe original picks it)"
+        )
+
+
+def check_aed_beam_engine(llm) -> None:
+    """Refuse FireRedASR-AED's beam search on an engine that returns other scores than the original's."""
+    mode = llm.llm_engine.model_config.logprobs_mode
+    if mode != AED_ENGINE_SETTINGS["logprobs_mode"]:
+        raise ValueError(
+            f"the engine returns {mode}; FireRedASR-AED's beam search needs the engine started with "
+            "logprobs_mode='processed_logprobs' (fireredasr_vllm.engine.AED_ENGINE_SETTINGS)"
         )
 
 

@@ -43,7 +43,7 @@ from fireredasr_converter.safe_io import StagedFile, sigterm_as_interrupt
 from .api import FireRedAsr, FrontEnd
 from .audio_input import Utterance, collect_utterances, duration_seconds
 from .decoders import ReferenceBackend, VllmBackend  # noqa: F401  (importable from here, as before)
-from .decoding import ORIGINAL_RECIPE, Decoding
+from .decoding import AED_RECIPE, ORIGINAL_RECIPE, AedDecoding, Decoding
 from .engine import create_engine, engine_settings, quiet_vllm_logs, shutdown_engine
 from .errors import InputError, TranscriptionError, TranscriptionFailed
 from .job import Job, JobError
@@ -363,13 +363,14 @@ def _transcribe(utterances: list[Utterance], job: Job, sink, finished: set[str])
 # --- the command --------------------------------------------------------------
 
 
-def _decoding(recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens) -> Decoding:
+def _decoding(recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens, model) -> Decoding | AedDecoding:
     chosen = {"--beam-size": beam_size, "--repetition-penalty": repetition_penalty, "--length-penalty": length_penalty}
     if recipe == "original":
         given = [name for name, value in chosen.items() if value is not None]
         if given:
             raise click.UsageError(f"--recipe original sets {', '.join(chosen)} itself; drop {', '.join(given)}")
-        return dataclasses.replace(ORIGINAL_RECIPE, max_new_tokens=max_new_tokens)
+        # The model's own recipe: FireRedASR-AED's is another search than FireRedASR-LLM's (its repo's config says which).
+        return dataclasses.replace(FrontEnd.load(model).original_recipe, max_new_tokens=max_new_tokens)
     return Decoding(
         beam_size=beam_size or 1,
         repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
@@ -413,16 +414,22 @@ MEMORY_NOTE = (
 @click.option("--ray-address", help="--engine ray: the cluster to join (`auto`: the one `ray start` runs here); "
                                     "default: a local cluster for this run.")
 @click.option("--recipe", type=click.Choice(["original"]),
-              help="original: the original's published decoding, --beam-size 3 --repetition-penalty 3.0 "
-                   "--length-penalty 1.0 (transformers' beam search, reproduced exactly).")
-@click.option("--beam-size", type=click.IntRange(min=1), help="Beams; 1 is greedy decoding.  [default: 1]")
+              help=f"original: the original's published decoding, --beam-size {ORIGINAL_RECIPE.beam_size} "
+                   f"--repetition-penalty {ORIGINAL_RECIPE.repetition_penalty:g} --length-penalty "
+                   f"{ORIGINAL_RECIPE.length_penalty:g} (transformers' beam search, reproduced exactly); for a "
+                   f"FireRedASR-AED repo its own: the original's batch beam search, beam {AED_RECIPE.beam_size}, "
+                   f"softmax smoothing {AED_RECIPE.softmax_smoothing:g}, length penalty {AED_RECIPE.length_penalty:g}, "
+                   f"EOS penalty {AED_RECIPE.eos_penalty:g}.")
+@click.option("--beam-size", type=click.IntRange(min=1),
+              help="Beams; 1 is greedy decoding (FireRedASR-AED: 1 only, or --recipe original).  [default: 1]")
 @click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True),
               help="transformers' repetition penalty on the tokens each transcript has generated (not vLLM's, "
                    "which also penalises the prompt).  [default: 1.0, none]")
 @click.option("--length-penalty", type=float,
               help="Beam search: a hypothesis scores its summed log-probabilities / length ** this.  [default: 1.0]")
 @click.option("--max-new-tokens", type=click.IntRange(min=1),
-              help="Tokens to generate at most per segment [default: one per speech embedding, as the original].")
+              help="Tokens to generate at most per segment [default: one per speech embedding (FireRedASR-AED: per "
+                   "encoder frame), as the original].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="vLLM: requests kept in the engine at once (continuous batching, across files; beam search "
                    "counts one per beam).")
@@ -435,7 +442,7 @@ MEMORY_NOTE = (
 def main(paths, model, wav_scp, wav_dir, output, format_, resume, overwrite, segment, backend, engine, num_replicas,
          ray_address, recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens, batch_size, dtype,
          tensor_parallel_size, seed, quiet):
-    """Transcribe audio files of any length with FireRedASR-LLM.
+    """Transcribe audio files of any length with FireRedASR-LLM or FireRedASR-AED.
 
     Give the audio as --wav-scp, --wav-dir and/or PATHS. Exit status: 0 when the
     output holds every recording, 3 when it holds some (the others are reported as
@@ -454,16 +461,16 @@ def _main(paths, model, wav_scp, wav_dir, output, format_, resume, overwrite, se
           tensor_parallel_size, seed, quiet):
     """`main` with SIGTERM handled as Ctrl-C: the run stops, reports and keeps what it wrote."""  # fmt: skip
     try:
-        job = Job(
-            model=model, output=output, format=format_, resume=resume, overwrite=overwrite, segment=segment,
-            backend=backend, engine=engine,
-            decoding=_decoding(recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens),
-            batch_size=batch_size, dtype=dtype, tensor_parallel_size=tensor_parallel_size, seed=seed,
-            num_replicas=num_replicas, ray_address=ray_address, quiet=quiet,
-        )  # fmt: skip
-    except JobError as error:
-        raise click.UsageError(str(error)) from None
-    try:
+        try:
+            job = Job(
+                model=model, output=output, format=format_, resume=resume, overwrite=overwrite, segment=segment,
+                backend=backend, engine=engine,
+                decoding=_decoding(recipe, beam_size, repetition_penalty, length_penalty, max_new_tokens, model),
+                batch_size=batch_size, dtype=dtype, tensor_parallel_size=tensor_parallel_size, seed=seed,
+                num_replicas=num_replicas, ray_address=ray_address, quiet=quiet,
+            )  # fmt: skip
+        except JobError as error:
+            raise click.UsageError(str(error)) from None
         utterances = collect_utterances(wav_scp, wav_dir, paths)
         if not utterances:
             raise TranscriptionFailed(f"{wav_scp} lists no utterances")
