@@ -19,7 +19,7 @@ from tolerances import aed_decoder_reduction_length, conformer_reduction_length,
 from fireredasr_converter import spec
 from fireredasr_converter.fixtures import TINY_AED_SHAPES, build_aed_release, synthetic_speech
 from fireredasr_converter.pipeline import convert
-from fireredasr_vllm.aed_beam_search import aed_beam_search
+from fireredasr_vllm.aed_beam_search import aed_batched_beam_search, aed_beam_search
 from fireredasr_vllm.aed_model import encoder_frames
 from fireredasr_vllm.aed_reference import ReferenceFireRedAsrAed
 from fireredasr_vllm.decoding import AED_GREEDY, AED_RECIPE, AedDecoding
@@ -202,3 +202,7 @@ def test_requests_it_cannot_take_are_refused(aed_llm, aed_reference, clips):
     served = aed_llm.generate([request(clips[1])], greedy(clips[1]), use_tqdm=False)
     eos = aed_reference.config.eos_token_id
     assert ids_before_eos(served[0], eos) == aed_reference.generate_ids([clips[1]], AED_GREEDY)[0]
+    # In the beam search a refused clip comes back as its error; the clip searched with it goes on.
+    found = dict(aed_batched_beam_search(aed_llm, [(0, clips[1]), (1, np.zeros(399, dtype=np.float32))], AED_RECIPE))
+    assert isinstance(found[1], request_errors()) and "too short" in str(found[1])
+    assert found[0].token_ids == aed_reference.generate_ids([clips[1]])[0]
