@@ -39,7 +39,7 @@ demo: $(STAMP)
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 	$(MAKE) test-vllm-0.33 test-vllm-0.34
 
 # Everything except the tests that start vLLM engines (marker `vllm`) and those that run a script or
@@ -72,7 +72,7 @@ test-vllm-0.33: $(STAMP)
 	$(PY) .ci/vllm_overlay.py 0.33.0 .vllm-0.33.0
 	$(call OVERLAY_ENV,0.33.0) $(PY) -c 'import vllm; assert vllm.__version__ == "0.33.0", vllm.__version__'
 	$(call OVERLAY_ENV,0.33.0) $(PY) -m pytest -q $(PYTHON_LANE_TESTS)
-	$(call OVERLAY_ENV,0.33.0) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m vllm $(ENGINE_LANE_TESTS)
+	$(call OVERLAY_ENV,0.33.0) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m vllm $(ENGINE_LANE_TESTS)
 
 # vLLM 0.34 (what `pip install vllm` gives): everything that builds no VllmConfig, under
 # 0.34.0's Python files (no V1 runner; the V1 tests report themselves skipped).

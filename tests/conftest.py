@@ -57,14 +57,16 @@ def _bind_this_workers_engines_to_its_cores() -> None:
     vLLM's CPU engine binds its OpenMP threads to every core by default; two workers'
     engines (in-process, or the servers and scripts a worker starts, which inherit the
     variable) would then spin-wait on the same cores and stall each other at every
-    operator. Worker i of n takes every n-th core from the i-th; a value the user set wins.
+    operator. Worker i of n takes every n-th core from the i-th (with more workers than
+    cores, core i mod the core count); a value the user set wins.
     """
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if worker is None or count < 2 or CPU_BIND_VARIABLE in os.environ:
         return
-    cores = sorted(os.sched_getaffinity(0))
-    mine = cores[int(worker.removeprefix("gw")) % count :: count]
-    os.environ[CPU_BIND_VARIABLE] = ",".join(map(str, mine)) if mine else "nobind"
+    cores, index = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw"))
+    # More workers than cores: workers take turns on the cores, one each.
+    mine = cores[index % count :: count] if count <= len(cores) else [cores[index % len(cores)]]
+    os.environ[CPU_BIND_VARIABLE] = ",".join(map(str, mine))
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -127,8 +129,9 @@ def demo_reference(demo_fp32) -> ReferenceFireRedAsrLlm:
 
 # The engines tests share, in the order their tests run (pytest_collection_modifyitems):
 # a test asks for one through these fixtures (directly or through a fixture that does).
-# The documentation's pages come last, right after the demo engine's tests: the README's
-# commands run on that engine (tests/test_docs.py).
+# The documentation's pages come last, after the demo engine's tests: run in one process,
+# the README's commands reuse the demo engine (tests/test_docs.py); `make test` runs them
+# on a worker of their own (ENGINE_GROUPS), which starts the demo engine again.
 ENGINE_FIXTURES = ("tiny_llm", "recipe_llm", "demo_llm", "doc_inputs")
 
 
@@ -196,25 +199,42 @@ def shared_engines(engines):
         yield engines
 
 
+# The engine groups (tests on the suite's shared engines) of a `--dist loadgroup` run: the doc
+# pages on their own worker, since they are the longest chain (tests/test_docs.py).
+ENGINE_GROUPS = {"doc_inputs": "doc-engines"}
+SLOW_MARKS = ("slow", "vllm", "ray")
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the xdist_group marks added here
 def pytest_collection_modifyitems(config, items):
     """Tests that share an engine run together, so each engine starts once and only one is alive.
 
-    Stable: tests without a shared engine keep their order and run first; then each
-    ENGINE_FIXTURES group, in which tests that also build engines of their own
-    (`engines` among their arguments) run last, after the shared engine served the rest.
-    Under pytest-xdist with `--dist loadgroup` (`make test`) every test on the shared
-    engines goes to one worker, in this order; the others spread over the workers.
+    Stable: each ENGINE_FIXTURES group first, in which tests that also build engines
+    of their own (`engines` among their arguments) run last, after the shared engine
+    served the rest; then the other tests, modules with slow tests (marker `slow`,
+    `vllm` or `ray`) before the rest. Under pytest-xdist with `--dist loadgroup
+    --no-loadscope-reorder` (`make test`) the tests on the shared engines go to one
+    worker in this order (the doc pages to another, with engines of its own), every
+    other module's tests stay on one worker (a module's fixtures, a server, a Ray
+    cluster, the registry's dry runs, then start once, not once per worker), and the
+    groups are handed out in this order, the long chains first.
     """
+    slow_modules = {item.nodeid.split("::", 1)[0] for item in items if any(item.get_closest_marker(m) for m in SLOW_MARKS)}
     for item in items:
-        if "engines" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("engines"))
+        names = getattr(item, "fixturenames", ())
+        if "engines" in names:
+            group = next((group for name, group in ENGINE_GROUPS.items() if name in names), "engines")
+        else:
+            group = item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
     def rank(item):
         names = getattr(item, "fixturenames", ())
-        group = next((i + 1 for i, name in enumerate(ENGINE_FIXTURES) if name in names), 0)
+        engine_group = next((i for i, name in enumerate(ENGINE_FIXTURES) if name in names), None)
+        if engine_group is None:
+            return (1, item.nodeid.split("::", 1)[0] not in slow_modules, False)
         own_engine = "engines" in getattr(getattr(item, "_fixtureinfo", None), "argnames", ())
-        return (group, own_engine)
+        return (0, engine_group, own_engine)
 
     items.sort(key=rank)
 
