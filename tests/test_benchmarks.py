@@ -49,6 +49,28 @@ def test_serve_benchmark_rejects_a_bad_output_length(serve_benchmark, value):
         serve_benchmark.parse_output_tokens(None, None, value)
 
 
+def test_serve_benchmark_aed_scales_keep_aed_l_head_size_and_vocabulary(serve_benchmark):
+    from click.testing import CliRunner
+
+    from fireredasr_converter.fixtures import AED_L_SHAPES
+
+    def vocabulary(shapes):
+        return shapes.chinese_chars + shapes.spm_vocab_size
+
+    for name in ("eighth", "quarter", "aed-l"):
+        shapes = serve_benchmark.AED_SCALES[name]
+        assert shapes.encoder_head_dim == AED_L_SHAPES.encoder_head_dim
+        assert vocabulary(shapes) == vocabulary(AED_L_SHAPES)
+        # What the fixture builder's SentencePiece corpus can train (AED-L's own 1000 it cannot).
+        assert shapes.spm_vocab_size <= serve_benchmark.FIXTURE_SPM_PIECES
+    eighth = serve_benchmark.AED_SCALES["eighth"]
+    assert (eighth.encoder_layers, eighth.encoder_dim, eighth.decoder_layers) == (2, 128, 2)
+    # Refused before anything is built: stock vLLM has no AED model; a scale of the other model.
+    for args, message in ((["--backends", "reference,stock"], "drop stock"), (["--scale", "medium"], "not medium")):
+        refused = CliRunner().invoke(serve_benchmark.main, ["--model", "aed", *args])
+        assert refused.exit_code == 2 and message in refused.output
+
+
 @pytest.mark.vllm
 def test_serve_benchmark_compares_all_three_backends(tmp_path):
     # Exit 0 also means every backend generated exactly N tokens for every clip.
