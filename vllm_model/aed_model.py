@@ -220,27 +220,38 @@ def _split_heads(num_heads: int) -> int:
     return num_heads // tp_size
 
 
-class AedSelfAttention(nn.Module):
-    """The original's `w_qs`/`w_ks`/`w_vs` (key without bias) fused as `qkv_proj`, causal, paged KV cache."""
+class _AedAttention(nn.Module):
+    """What both decoder attentions share: the heads split over the tensor-parallel ranks, the
+    output projection `fc` and vLLM's attention layer (`attention`, of `attn_type`)."""
 
     def __init__(
         self, config: FireRedAsrAedConfig, cache_config: CacheConfig | None, quant_config: QuantizationConfig | None,
-        prefix: str,
+        prefix: str, attention: type[nn.Module], attn_type: str,
     ):  # fmt: skip
         super().__init__()
         d, heads = config.d_model, config.decoder_attention_heads
         self.head_dim = d // heads
         self.num_heads = _split_heads(heads)
         self.size = self.num_heads * self.head_dim
+        self.fc = RowParallelLinear(d, d, bias=True, quant_config=quant_config, prefix=f"{prefix}.fc")
+        self.attn = attention(
+            self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_heads,
+            cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn", attn_type=attn_type,
+        )  # fmt: skip
+
+
+class AedSelfAttention(_AedAttention):
+    """The original's `w_qs`/`w_ks`/`w_vs` (key without bias) fused as `qkv_proj`, causal, paged KV cache."""
+
+    def __init__(
+        self, config: FireRedAsrAedConfig, cache_config: CacheConfig | None, quant_config: QuantizationConfig | None,
+        prefix: str,
+    ):  # fmt: skip
+        super().__init__(config, cache_config, quant_config, prefix, Attention, AttentionType.DECODER)
+        d, heads = config.d_model, config.decoder_attention_heads
         self.qkv_proj = QKVParallelLinear(
             d, self.head_dim, heads, heads, bias=True, quant_config=quant_config, prefix=f"{prefix}.qkv_proj"
         )
-        self.fc = RowParallelLinear(d, d, bias=True, quant_config=quant_config, prefix=f"{prefix}.fc")
-        self.attn = Attention(
-            self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_heads,
-            cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn",
-            attn_type=AttentionType.DECODER,
-        )  # fmt: skip
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
@@ -249,28 +260,19 @@ class AedSelfAttention(nn.Module):
         return output
 
 
-class AedCrossAttention(nn.Module):
+class AedCrossAttention(_AedAttention):
     """Queries from the decoder, keys and values from the clip's encoder output (computed once, then cached)."""
 
     def __init__(
         self, config: FireRedAsrAedConfig, cache_config: CacheConfig | None, quant_config: QuantizationConfig | None,
         prefix: str,
     ):  # fmt: skip
-        super().__init__()
-        d, heads = config.d_model, config.decoder_attention_heads
-        self.head_dim = d // heads
-        self.num_heads = _split_heads(heads)
-        self.size = self.num_heads * self.head_dim
+        super().__init__(config, cache_config, quant_config, prefix, CrossAttention, AttentionType.ENCODER_DECODER)
+        d = config.d_model
         self.q_proj = ColumnParallelLinear(d, d, bias=True, quant_config=quant_config, prefix=f"{prefix}.q_proj")
         self.kv_proj = MergedColumnParallelLinear(
             d, [d, d], bias=True, quant_config=quant_config, prefix=f"{prefix}.kv_proj"
         )
-        self.fc = RowParallelLinear(d, d, bias=True, quant_config=quant_config, prefix=f"{prefix}.fc")
-        self.attn = CrossAttention(
-            self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_heads,
-            cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn",
-            attn_type=AttentionType.ENCODER_DECODER,
-        )  # fmt: skip
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
         q, _ = self.q_proj(hidden_states)
