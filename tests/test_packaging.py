@@ -22,6 +22,10 @@ import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+# Minutes of the registry's metadata and no code of the project's: `make test-registry` (CI
+# runs it after `make test`), so that `make test` needs no registry.
+pytestmark = [pytest.mark.registry, pytest.mark.slow]
+
 PROJECT = Path(__file__).resolve().parents[1]
 DRY_RUN_TIMEOUT_S = 600
 PINS = {"newest": None, "0.34": "vllm==0.34.0", "0.33": "vllm==0.33.0", "0.32": "vllm==0.32.*"}
@@ -120,7 +124,6 @@ def resolutions(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess
     return results
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PINS))
 def test_vllm_extra_resolves_as_plain_vllm_does(name, resolutions):
     """`.[vllm]` picks the vLLM a plain `pip install vllm` picks: the newest release the pin admits.

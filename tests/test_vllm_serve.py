@@ -66,6 +66,10 @@ def serve_command(repo, port: int) -> list[str]:
         "--gpu-memory-utilization", str(ENGINE_KWARGS["gpu_memory_utilization"]),
         "--seed", str(ENGINE_KWARGS["seed"]),
         "--enforce-eager",
+        # The model in the engine core's process, as create_engine builds it on CPU: vLLM's
+        # default here is a worker process of its own, one more vLLM import (the doc pages'
+        # server commands keep the default).
+        "--distributed-executor-backend", "uni",
         "--return-tokens-as-token-ids",
     ]  # fmt: skip
 
