@@ -10,6 +10,8 @@ cannot take are refused while the engine keeps serving.
 """
 
 import dataclasses
+import math
+import types
 
 import numpy as np
 import pytest
@@ -206,3 +208,23 @@ def test_requests_it_cannot_take_are_refused(aed_llm, aed_reference, clips):
     found = dict(aed_batched_beam_search(aed_llm, [(0, clips[1]), (1, np.zeros(399, dtype=np.float32))], AED_RECIPE))
     assert isinstance(found[1], request_errors()) and "too short" in str(found[1])
     assert found[0].token_ids == aed_reference.generate_ids([clips[1]])[0]
+
+
+def test_the_transcription_endpoint_cuts_and_joins_as_for_the_llm_model(aed_repo):
+    # The same upload splitting (its window never below the model's shortest clip) and languages
+    # as FireRedASR-LLM (model.speech_to_text_config, model.transcription_language); no engine.
+    from fireredasr_converter.configuration import FireRedAsrAedConfig
+    from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
+    from fireredasr_vllm.aed_model import FireRedAsrAedForConditionalGeneration as Aed
+    from fireredasr_vllm.model import SPLIT_ENERGY_WINDOW_S, SPLIT_SEARCH_SECONDS
+
+    model_config = types.SimpleNamespace(
+        model=str(aed_repo), revision=None, hf_config=FireRedAsrAedConfig.from_pretrained(aed_repo)
+    )
+    config = Aed.get_speech_to_text_config(model_config, "transcribe")
+    assert config.max_audio_clip_s == math.floor(FireRedAsrFeatureExtractor.from_pretrained(aed_repo).max_audio_seconds)
+    assert config.overlap_chunk_second == SPLIT_SEARCH_SECONDS
+    assert config.min_energy_split_window_size == max(round(SPLIT_ENERGY_WINDOW_S * spec.SAMPLE_RATE), 400)
+    assert (Aed.validate_language(None), Aed.validate_language("en")) == ("zh", "en")
+    with pytest.raises(ValueError, match="language 'fr': FireRedASR-AED transcribes Mandarin and English"):
+        Aed.validate_language("fr")

@@ -24,7 +24,6 @@ positions whose token is the padding id, which a trained model never emits
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Literal
 
@@ -73,7 +72,7 @@ from fireredasr_converter.configuration import FireRedAsrAedConfig
 from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
 
 from .conformer import ConformerEncoder, length_groups
-from .model import DEFAULT_LANGUAGE, SPLIT_ENERGY_WINDOW_S, SPLIT_SEARCH_SECONDS, UPLOAD_RESAMPLING, get_feature_extractor
+from .model import get_feature_extractor, speech_to_text_config, transcription_language
 
 
 def encoder_frames(num_samples: int) -> int:
@@ -434,29 +433,13 @@ class FireRedAsrAedForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
     def get_speech_to_text_config(
         cls, model_config: ModelConfig, task_type: Literal["transcribe", "translate"]
     ) -> SpeechToTextConfig:
-        # Long uploads are cut as for FireRedASR-LLM (model.py explains the window);
-        # the shortest clip here is one encoder frame's worth (25 ms).
-        extractor = get_feature_extractor(model_config)
-        max_clip_s = math.floor(extractor.max_audio_seconds)
-        window = max(round(SPLIT_ENERGY_WINDOW_S * extractor.sampling_rate), spec.min_samples_for_one_embedding(1))
-        chunking = max_clip_s > SPLIT_SEARCH_SECONDS
-        return SpeechToTextConfig(
-            sample_rate=extractor.sampling_rate,
-            max_audio_clip_s=max_clip_s if chunking else None,
-            overlap_chunk_second=SPLIT_SEARCH_SECONDS,
-            min_energy_split_window_size=window if chunking else None,
-            **UPLOAD_RESAMPLING,
-        )
+        # Cut as FireRedASR-LLM's uploads; the shortest clip here is one encoder frame's worth (25 ms).
+        return speech_to_text_config(model_config, spec.min_samples_for_one_embedding(1))
 
     @classmethod
     def validate_language(cls, language: str | None) -> str | None:
-        # As FireRedASR-LLM's: Chinese chunks are joined without spaces (model.py).
-        if language is not None and language not in cls.supported_languages:
-            raise ValueError(
-                f"language {language!r}: FireRedASR-AED transcribes Mandarin and English; "
-                "pass language 'zh' or 'en', or leave it out (Mandarin)"
-            )
-        return super().validate_language(DEFAULT_LANGUAGE if language is None else language)
+        # As FireRedASR-LLM's: Chinese chunks are joined without spaces (model.transcription_language).
+        return super().validate_language(transcription_language(language, cls.supported_languages, "FireRedASR-AED"))
 
     @classmethod
     def post_process_output(cls, text: str) -> str:

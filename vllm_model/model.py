@@ -62,7 +62,7 @@ from fireredasr_converter.repo_format import ENCODER_PREFIX, PROJECTOR_PREFIX
 from .conformer import SpeechEncoder
 
 
-# The transcription endpoint's long-upload splitting; see `get_speech_to_text_config`.
+# The transcription endpoint's long-upload splitting; see `speech_to_text_config`.
 SPLIT_SEARCH_SECONDS = 5
 SPLIT_ENERGY_WINDOW_S = 0.1
 # The language a transcription request without `language` is taken to be in.
@@ -222,6 +222,65 @@ class FireRedAsrLlmMultiModalProcessor(BaseMultiModalProcessor[FireRedAsrLlmProc
         ]
 
 
+def speech_to_text_config(model_config: ModelConfig, min_clip_samples: int) -> SpeechToTextConfig:
+    """The transcription endpoint's settings for a model whose shortest clip is `min_clip_samples` (both models).
+
+    Uploads longer than the model's max_audio_seconds are cut by vLLM's own
+    splitter (`vllm.multimodal.audio.split_audio`) into chunks of at most
+    max_audio_clip_s, each transcribed as its own request. vLLM takes whole
+    seconds, so a fractional max_audio_seconds is rounded down: a chunk is then
+    never longer than the processor accepts.
+    """
+    extractor = get_feature_extractor(model_config)
+    max_clip_s = math.floor(extractor.max_audio_seconds)
+    # Each cut lands at the start of the quietest window (RMS energy) among the
+    # windows inside the last SPLIT_SEARCH_SECONDS before the boundary: 100 ms
+    # windows fit inside the pauses between words, and a few seconds of search
+    # almost always hold a real pause, at the price of chunks up to that much
+    # shorter than max_audio_clip_s.
+    #
+    # The window is also never shorter than the model's minimum clip. The cut is
+    # a window's start and that window lies before the boundary, so the audio
+    # after the last cut is always longer than one window: vLLM never sends a
+    # tail chunk the processor would refuse as too short, however little audio
+    # lies past the boundary (a 30.02 s upload gives a last chunk of more than
+    # 100 ms, not 20 ms). tests/test_vllm_serve.py checks this against the
+    # installed vLLM's splitter.
+    window = max(round(SPLIT_ENERGY_WINDOW_S * extractor.sampling_rate), min_clip_samples)
+    # vLLM's splitter needs its search region inside the clip; a model whose
+    # clips are that short keeps refusing long uploads instead (no chunking).
+    chunking = max_clip_s > SPLIT_SEARCH_SECONDS
+    return SpeechToTextConfig(
+        sample_rate=extractor.sampling_rate,
+        max_audio_clip_s=max_clip_s if chunking else None,
+        overlap_chunk_second=SPLIT_SEARCH_SECONDS,
+        min_energy_split_window_size=window if chunking else None,
+        **UPLOAD_RESAMPLING,
+    )
+
+
+def transcription_language(language: str | None, supported: Mapping[str, str], model_name: str) -> str:
+    """A transcription request's language for vLLM's `validate_language`: the model's own when none is given.
+
+    vLLM joins the chunks of a long upload with "" when the request's language
+    is in `no_space_languages` (zh) and with a space otherwise. It picks that
+    separator from `validate_language`'s answer before any chunk is decoded, and
+    `post_process_output` sees one chunk's text without knowing its place, so
+    no hook can choose the separator from the text itself. A request without
+    `language` therefore gets the model's own language, Chinese (its
+    instruction and most of its training data are Mandarin): Chinese chunks
+    are not split by spaces. English uploads pass language="en" to get a
+    space between chunks. The prompt does not depend on the language.
+    vLLM's own check only warns for other languages; the models know these two.
+    """
+    if language is not None and language not in supported:
+        raise ValueError(
+            f"language {language!r}: {model_name} transcribes Mandarin and English; "
+            "pass language 'zh' or 'en', or leave it out (Mandarin)"
+        )
+    return DEFAULT_LANGUAGE if language is None else language
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     FireRedAsrLlmMultiModalProcessor,
     info=FireRedAsrLlmProcessingInfo,
@@ -249,57 +308,12 @@ class FireRedAsrLlmForConditionalGeneration(nn.Module, SupportsMultiModal, Suppo
     def get_speech_to_text_config(
         cls, model_config: ModelConfig, task_type: Literal["transcribe", "translate"]
     ) -> SpeechToTextConfig:
-        # Uploads longer than the model's max_audio_seconds are cut by vLLM's own
-        # splitter (`vllm.multimodal.audio.split_audio`) into chunks of at most
-        # max_audio_clip_s, each transcribed as its own request. vLLM takes whole
-        # seconds, so a fractional max_audio_seconds is rounded down: a chunk is then
-        # never longer than the processor accepts.
-        extractor = get_feature_extractor(model_config)
-        max_clip_s = math.floor(extractor.max_audio_seconds)
-        # Each cut lands at the start of the quietest window (RMS energy) among the
-        # windows inside the last SPLIT_SEARCH_SECONDS before the boundary: 100 ms
-        # windows fit inside the pauses between words, and a few seconds of search
-        # almost always hold a real pause, at the price of chunks up to that much
-        # shorter than max_audio_clip_s.
-        #
-        # The window is also never shorter than the model's minimum clip. The cut is
-        # a window's start and that window lies before the boundary, so the audio
-        # after the last cut is always longer than one window: vLLM never sends a
-        # tail chunk the processor would refuse as too short, however little audio
-        # lies past the boundary (a 30.02 s upload gives a last chunk of more than
-        # 100 ms, not 20 ms). tests/test_vllm_serve.py checks this against the
-        # installed vLLM's splitter.
         min_clip = spec.min_samples_for_one_embedding(model_config.hf_config.encoder_downsample_rate)
-        window = max(round(SPLIT_ENERGY_WINDOW_S * extractor.sampling_rate), min_clip)
-        # vLLM's splitter needs its search region inside the clip; a model whose
-        # clips are that short keeps refusing long uploads instead (no chunking).
-        chunking = max_clip_s > SPLIT_SEARCH_SECONDS
-        return SpeechToTextConfig(
-            sample_rate=extractor.sampling_rate,
-            max_audio_clip_s=max_clip_s if chunking else None,
-            overlap_chunk_second=SPLIT_SEARCH_SECONDS,
-            min_energy_split_window_size=window if chunking else None,
-            **UPLOAD_RESAMPLING,
-        )
+        return speech_to_text_config(model_config, min_clip)
 
     @classmethod
     def validate_language(cls, language: str | None) -> str | None:
-        # vLLM joins the chunks of a long upload with "" when the request's language
-        # is in `no_space_languages` (zh) and with a space otherwise. It picks that
-        # separator from this method's answer before any chunk is decoded, and
-        # `post_process_output` sees one chunk's text without knowing its place, so
-        # no hook can choose the separator from the text itself. A request without
-        # `language` therefore gets the model's own language, Chinese (its
-        # instruction and most of its training data are Mandarin): Chinese chunks
-        # are not split by spaces. English uploads pass language="en" to get a
-        # space between chunks. The prompt does not depend on the language.
-        # vLLM's own check only warns for other languages; the model knows these two.
-        if language is not None and language not in cls.supported_languages:
-            raise ValueError(
-                f"language {language!r}: FireRedASR-LLM transcribes Mandarin and English; "
-                "pass language 'zh' or 'en', or leave it out (Mandarin)"
-            )
-        return super().validate_language(DEFAULT_LANGUAGE if language is None else language)
+        return super().validate_language(transcription_language(language, cls.supported_languages, "FireRedASR-LLM"))
 
     @classmethod
     def post_process_output(cls, text: str) -> str:
