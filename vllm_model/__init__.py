@@ -25,6 +25,8 @@ _API = {
     "Decoding": "decoding",
     "GREEDY": "decoding",
     "ORIGINAL_RECIPE": "decoding",
+    "AedDecoding": "decoding",
+    "AED_RECIPE": "decoding",
     "SegmenterSettings": "segmenter",
     "TranscriptionError": "errors",
     "AudioError": "errors",

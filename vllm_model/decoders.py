@@ -5,8 +5,8 @@ Transcript or the exception that refused the clip)` in the order the clips
 finish (`recordings.ClipDecoder`), so the long-form pipeline
 (`recordings.decoded_recordings`) drives either. `VllmDecoder` decodes on an
 engine it is given; `VllmBackend` starts its own (and ends it on `close`).
-The decoding is a `Decoding`, or for FireRedASR-AED an `AedDecoding`: its beam
-search runs through `aed_beam_search`, its greedy case as vLLM's greedy decoding.
+The decoding is a `Decoding`, or for FireRedASR-AED an `AedDecoding`
+(`offline.transcriptions` runs either).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from .aed_beam_search import aed_batched_beam_search
 from .decoding import AED_GREEDY, AedDecoding, Decoding
 from .engine import check_aed_decoding, create_engine, engine_settings, is_aed, shutdown_engine
 from .offline import transcriptions
@@ -31,15 +30,7 @@ class VllmDecoder:
 
     def transcribe(self, clips: Iterable, decoding: Decoding | AedDecoding, *, batch_size: int):
         # batch_size counts requests; beam search keeps `beam_size` of them per clip.
-        clips_in_flight = max(1, batch_size // decoding.beam_size)
-        if isinstance(decoding, AedDecoding):
-            check_aed_decoding(self.llm.llm_engine.model_config.hf_config, decoding)
-            if not decoding.is_greedy:
-                yield from aed_batched_beam_search(self.llm, clips, decoding, max_in_flight=clips_in_flight)
-                return
-            # The one-beam search picks the best token at every step: vLLM's greedy decoding.
-            decoding = Decoding(max_new_tokens=decoding.max_new_tokens)
-        yield from transcriptions(self.llm, clips, decoding, max_in_flight=clips_in_flight)
+        yield from transcriptions(self.llm, clips, decoding, max_in_flight=max(1, batch_size // decoding.beam_size))
 
 
 class VllmBackend(VllmDecoder):

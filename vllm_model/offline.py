@@ -21,8 +21,9 @@ import numpy as np
 
 from fireredasr_converter import spec
 
+from .aed_beam_search import aed_batched_beam_search
 from .beam_search import batched_beam_search
-from .decoding import GREEDY, Decoding
+from .decoding import GREEDY, AedDecoding, Decoding
 
 # The engine primitives are `engine`'s; these names are imported from here in the docs and by users.
 from .engine import (  # noqa: F401
@@ -146,7 +147,7 @@ def stream_transcriptions(
 def transcriptions(
     llm,
     clips: Iterable[tuple[Key, np.ndarray]],
-    decoding: Decoding = GREEDY,
+    decoding: Decoding | AedDecoding = GREEDY,
     *,
     max_in_flight: int | None = None,
     sampling_rate: int = spec.SAMPLE_RATE,
@@ -159,10 +160,17 @@ def transcriptions(
     DEFAULT_MAX_IN_FLIGHT), clips for beam search (default
     DEFAULT_BEAM_CLIPS_IN_FLIGHT, each with up to `beam_size` requests).
     Greedy decoding (beam 1) goes through `stream_transcriptions`; beam search
-    through `beam_search.batched_beam_search`, with transformers 4.x semantics.
+    through `beam_search.batched_beam_search`, with transformers 4.x semantics;
+    FireRedASR-AED's `AedDecoding` (the original's `batch_beam_search`) through
+    `aed_beam_search.aed_batched_beam_search`, unless it is greedy.
     """
+    check_aed_decoding(llm.llm_engine.model_config.hf_config, decoding)
     if decoding.needs_penalty_processor:
         check_penalty_processor(llm)
+    clips_in_flight = DEFAULT_BEAM_CLIPS_IN_FLIGHT if max_in_flight is None else max_in_flight
+    if isinstance(decoding, AedDecoding) and not decoding.is_greedy:
+        yield from aed_batched_beam_search(llm, clips, decoding, max_in_flight=clips_in_flight, sampling_rate=sampling_rate)
+        return
     if decoding.beam_size == 1:
         yield from stream_transcriptions(
             llm,
@@ -170,16 +178,14 @@ def transcriptions(
             sampling_rate=sampling_rate,
             max_new_tokens=decoding.max_new_tokens,
             max_in_flight=DEFAULT_MAX_IN_FLIGHT if max_in_flight is None else max_in_flight,
-            repetition_penalty=decoding.repetition_penalty,
+            repetition_penalty=decoding.repetition_penalty if isinstance(decoding, Decoding) else 1.0,
         )
         return
-    # transformers' beam search over FireRedASR-LLM's prompt; FireRedASR-AED has its own (aed_beam_search).
-    check_aed_decoding(llm.llm_engine.model_config.hf_config, decoding)
     yield from batched_beam_search(
         llm,
         clips,
         decoding,
-        max_in_flight=DEFAULT_BEAM_CLIPS_IN_FLIGHT if max_in_flight is None else max_in_flight,
+        max_in_flight=clips_in_flight,
         sampling_rate=sampling_rate,
     )
 
