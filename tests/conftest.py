@@ -4,7 +4,9 @@ real speech; the loaders tests read release pickles and safetensors files with."
 
 import argparse
 import ast
+import importlib.util
 import os
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,26 @@ def pytest_configure(config):
         raise pytest.UsageError(f"{THREADS_VARIABLE} must be a positive thread count, got {threads}")
     torch.set_num_threads(threads)
     _bind_this_workers_engines_to_its_cores()
+    _check_the_expected_vllm()
+
+
+# `make test-vllm-0.33` / `-0.34` set it to their overlay's release (.ci/vllm_overlay.py).
+EXPECTED_VLLM_VARIABLE = "FIREREDASR_EXPECT_VLLM"
+
+
+def _check_the_expected_vllm() -> None:
+    """Stop a version lane whose overlay is not the vLLM found: it would test the installed one instead."""
+    expected = os.environ.get(EXPECTED_VLLM_VARIABLE)
+    if not expected:
+        return
+    # Read, not imported: importing vLLM takes seconds, and the run's processes import it anyway.
+    folder = Path(importlib.util.find_spec("vllm").origin).parent
+    found = runpy.run_path(str(folder / "_version.py"))["__version__"]
+    if found != expected:
+        raise pytest.UsageError(
+            f"{EXPECTED_VLLM_VARIABLE}={expected} but vLLM {found} is found ({folder}): "
+            f"build the overlay first (python .ci/vllm_overlay.py {expected} .vllm-{expected}) and put it on PYTHONPATH"
+        )
 
 
 # Set by vLLM's CPU worker from this variable: the cores its OpenMP threads are bound to.

@@ -27,6 +27,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 import fireredasr_converter
+from fireredasr_converter.configuration import MODEL_TYPE
 import fireredasr_vllm
 from fireredasr_vllm import decoders, vllm_support
 from fireredasr_vllm.decoding import GREEDY, ORIGINAL_RECIPE, Decoding
@@ -128,7 +129,9 @@ def test_engines_get_the_penalty_processor_only_when_the_decoding_needs_it(decod
 def test_a_penalty_on_an_engine_without_the_processor_is_refused():
     def engine(processors):
         config = SimpleNamespace(model_config=SimpleNamespace(logits_processors=processors))
-        return SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=config))
+        # A FireRedASR-LLM repo's engine (transcriptions checks the model's decodings first).
+        model_config = SimpleNamespace(hf_config=SimpleNamespace(model_type=MODEL_TYPE))
+        return SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=config, model_config=model_config))
 
     for decoding in (Decoding(repetition_penalty=3.0), ORIGINAL_RECIPE):
         with pytest.raises(ValueError, match="penalty_processor=True"):
