@@ -104,23 +104,15 @@ SCALES = {
 }
 
 
-# The most SentencePiece pieces the fixture builder's English corpus trains (741 at most);
-# AED-L's 1000 cannot be built, so the pieces over it become characters: same vocabulary size.
-FIXTURE_SPM_PIECES = 700
-
-
 def scaled_aed_shapes(shapes: AedShapes, scale: float) -> AedShapes:
     """FireRedASR-AED's depths and widths x `scale`, keeping the head size and the output vocabulary's size."""
     heads = max(1, round(shapes.encoder_heads * scale))
-    pieces = min(shapes.spm_vocab_size, FIXTURE_SPM_PIECES)
     return dataclasses.replace(
         shapes,
         encoder_layers=max(1, round(shapes.encoder_layers * scale)),
         encoder_heads=heads,
         encoder_dim=heads * shapes.encoder_head_dim,
         decoder_layers=max(1, round(shapes.decoder_layers * scale)),
-        chinese_chars=shapes.chinese_chars + shapes.spm_vocab_size - pieces,
-        spm_vocab_size=pieces,
     )
 
 
@@ -131,7 +123,7 @@ AED_SCALES = {
     "eighth": scaled_aed_shapes(AED_L_SHAPES, 1 / 8),
     # AED-L x 1/4: Conformer 4 layers x 320 (5 heads of 64), 4 decoder layers.
     "quarter": scaled_aed_shapes(AED_L_SHAPES, 1 / 4),
-    "aed-l": scaled_aed_shapes(AED_L_SHAPES, 1),
+    "aed-l": AED_L_SHAPES,
 }
 MODELS = ("llm", "aed")
 # FireRedASR-AED's reference decodes the clips in padded batches of this many, in input order:

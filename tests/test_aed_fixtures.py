@@ -13,6 +13,7 @@ from test_fixtures import expected_encoder_shapes, read_kaldi_binary_matrix
 
 from fireredasr_converter import aed_spec, spec
 from fireredasr_converter.fixtures import AED_L_SHAPES, TINY_AED_SHAPES, AedShapes, build_aed_release
+from fireredasr_converter.fixtures.aed_tokenizer import build_aed_tokenizer
 from fireredasr_converter.fixtures.cli import main as fixtures_main
 
 SHAPES = TINY_AED_SHAPES
@@ -189,6 +190,10 @@ def test_shapes_checks_and_the_released_size():
         if name not in ("decoder.positional_encoding.pe", "decoder.tgt_word_prj.weight")
     )
     assert 1.05e9 < encoder + decoder < 1.2e9
+    # Its vocabulary is one the builder can make (a SentencePiece model of more pieces than the
+    # fixture corpus holds failed to train: `fireredasr-fixtures --model aed --shapes aed-l` failed).
+    tokens = build_aed_tokenizer(s.chinese_chars, s.spm_vocab_size).tokens
+    assert len(tokens) == 7832 and len(set(tokens)) == 7832
 
 
 def test_cli_writes_an_aed_release(tmp_path):
