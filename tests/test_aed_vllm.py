@@ -6,17 +6,32 @@ batched and one clip at a time; the engine's per-step log-probabilities are the
 reference decoder's within float32 tolerance; the original's beam search driven
 on the engine (`aed_beam_search`) gives the reference's tokens, also through
 `FireRedAsr` and `fireredasr-transcribe --recipe original`; requests the model
-cannot take are refused while the engine keeps serving.
+cannot take are refused while the engine keeps serving; `vllm serve` on the repo
+answers `/v1/audio/transcriptions` with the reference's text.
 """
 
 import dataclasses
 import math
+import os
+import subprocess
 import types
 
 import numpy as np
+import openai
 import pytest
 import torch
+from test_vllm_serve import (
+    REQUEST_TIMEOUT_S,
+    decoded,
+    free_port,
+    serve_command,
+    stop_server,
+    transcribe,
+    wait_until_healthy,
+    wav_bytes,
+)
 from tolerances import aed_decoder_reduction_length, conformer_reduction_length, float32_atol
+from vllm_helpers import CPU_ENGINE_ENV
 
 from fireredasr_converter import spec
 from fireredasr_converter.fixtures import TINY_AED_SHAPES, build_aed_release, synthetic_speech
@@ -228,3 +243,38 @@ def test_the_transcription_endpoint_cuts_and_joins_as_for_the_llm_model(aed_repo
     assert (Aed.validate_language(None), Aed.validate_language("en")) == ("zh", "en")
     with pytest.raises(ValueError, match="language 'fr': FireRedASR-AED transcribes Mandarin and English"):
         Aed.validate_language("fr")
+
+
+# --- the OpenAI transcription endpoint ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def aed_server(aed_repo, tmp_path_factory):
+    """`vllm serve` on the tiny AED repo, as test_vllm_serve starts it for FireRedASR-LLM."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("aed-serve") / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            serve_command(aed_repo, port), env={**os.environ, **CPU_ENGINE_ENV}, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_until_healthy(process, base_url, log_path)
+        yield openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
+    finally:
+        stop_server(process)
+
+
+def test_the_transcription_endpoint_serves_an_aed_repo(aed_server, aed_repo, aed_reference):
+    """An upload gets the reference's greedy text; one the model cannot take is a 400, and the server goes on."""
+    clip = synthetic_speech(20_000, seed=7)
+    wav = wav_bytes(clip)
+    (expected,) = aed_reference.transcribe([decoded(wav)], AED_GREEDY)
+    assert expected.text, "the reference transcript is empty: comparing it would prove little, pick another clip"
+    assert transcribe(aed_server, str(aed_repo), wav, encoder_frames(len(clip))) == expected.text
+    for bad, message in ((wav_bytes(np.zeros(0, dtype=np.float32)), "audio is empty"), (wav_bytes(clip[:200]), "too short")):
+        with pytest.raises(openai.BadRequestError, match=message) as error:
+            transcribe(aed_server, str(aed_repo), bad, 8)
+        assert error.value.status_code == 400
+    assert transcribe(aed_server, str(aed_repo), wav, encoder_frames(len(clip))) == expected.text
