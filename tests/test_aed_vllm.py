@@ -12,26 +12,14 @@ answers `/v1/audio/transcriptions` with the reference's text.
 
 import dataclasses
 import math
-import os
-import subprocess
 import types
 
 import numpy as np
 import openai
 import pytest
 import torch
-from test_vllm_serve import (
-    REQUEST_TIMEOUT_S,
-    decoded,
-    free_port,
-    serve_command,
-    stop_server,
-    transcribe,
-    wait_until_healthy,
-    wav_bytes,
-)
+from test_vllm_serve import REQUEST_TIMEOUT_S, decoded, served, transcribe, wav_bytes
 from tolerances import aed_decoder_reduction_length, conformer_reduction_length, float32_atol
-from vllm_helpers import CPU_ENGINE_ENV
 
 from fireredasr_converter import spec
 from fireredasr_converter.fixtures import TINY_AED_SHAPES, build_aed_release, synthetic_speech
@@ -251,19 +239,8 @@ def test_the_transcription_endpoint_cuts_and_joins_as_for_the_llm_model(aed_repo
 @pytest.fixture(scope="module")
 def aed_server(aed_repo, tmp_path_factory):
     """`vllm serve` on the tiny AED repo, as test_vllm_serve starts it for FireRedASR-LLM."""
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("aed-serve") / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            serve_command(aed_repo, port), env={**os.environ, **CPU_ENGINE_ENV}, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-        wait_until_healthy(process, base_url, log_path)
+    with served(aed_repo, tmp_path_factory.mktemp("aed-serve")) as base_url:
         yield openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
-    finally:
-        stop_server(process)
 
 
 def test_the_transcription_endpoint_serves_an_aed_repo(aed_server, aed_repo, aed_reference):

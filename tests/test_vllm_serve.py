@@ -11,6 +11,7 @@ context length, so requests pass N (the reference's default) explicitly.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import signal
@@ -21,6 +22,8 @@ import time
 import types
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -105,14 +108,15 @@ def wait_until_healthy(process: subprocess.Popen, base_url: str, log_path) -> No
     pytest.fail(f"vllm serve not healthy after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-5000:]}")
 
 
-@pytest.fixture(scope="module")
-def server(converted_fp32, tmp_path_factory):
+@contextlib.contextmanager
+def served(repo, log_folder: Path) -> Iterator[str]:
+    """`vllm serve` on `repo` (serve_command), healthy, for the block's length: its base URL."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    log_path = log_folder / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            serve_command(converted_fp32, port),
+            serve_command(repo, port),
             env={**os.environ, **CPU_ENGINE_ENV},
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -123,6 +127,12 @@ def server(converted_fp32, tmp_path_factory):
         yield base_url
     finally:
         stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def server(converted_fp32, tmp_path_factory):
+    with served(converted_fp32, tmp_path_factory.mktemp("vllm-serve")) as base_url:
+        yield base_url
 
 
 @pytest.fixture(scope="module")
