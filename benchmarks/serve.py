@@ -117,8 +117,7 @@ def scaled_aed_shapes(shapes: AedShapes, scale: float) -> AedShapes:
 
 
 AED_SCALES = {
-    # Two heads of 32: vLLM's CPU attention takes no head size below 32 (TINY_AED_SHAPES has 16).
-    "tiny": dataclasses.replace(TINY_AED_SHAPES, encoder_heads=2),
+    "tiny": TINY_AED_SHAPES,
     # AED-L x 1/8: Conformer 2 layers x 128 (2 heads of 64), 2 decoder layers; AED-L's 7832 output tokens.
     "eighth": scaled_aed_shapes(AED_L_SHAPES, 1 / 8),
     # AED-L x 1/4: Conformer 4 layers x 320 (5 heads of 64), 4 decoder layers.
