@@ -54,6 +54,7 @@ import numpy as np
 from fireredasr_converter import spec
 from fireredasr_vllm.audio_input import Utterance
 from fireredasr_vllm.decoding import GREEDY
+from fireredasr_vllm.engine import Intake
 from fireredasr_vllm.ray_transcription import CHUNK_SEGMENTS, READ_CPUS, RayTranscription
 from fireredasr_vllm.recordings import FileEnd, SegmentReady
 from fireredasr_vllm.segmenter import Segment
@@ -147,17 +148,12 @@ class SimulatedEngine:
 
     def transcribe(self, clips, decoding, *, batch_size: int):
         clock, model = self.clock, self.model
-        pending = iter(clips)
+        intake = Intake(clips)
         running: dict = {}  # key -> [tokens left, text]
-        exhausted, prefill = False, 0.0
+        prefill = 0.0
         next_time = clock.time()
         while True:
-            while not exhausted and len(running) < batch_size:
-                item = next(pending, None)
-                if item is None:
-                    exhausted = True
-                    break
-                key, samples = item
+            for key, samples in intake.take(lambda: len(running) < batch_size):
                 seconds = self.seconds(samples)
                 running[key] = [model.tokens(seconds), f"{round(seconds * RATE)} samples"]
                 prefill += model.prefill(seconds)
@@ -167,7 +163,7 @@ class SimulatedEngine:
             next_time = max(next_time, clock.time())
             # A full batch changes only when a request finishes; one with room takes new requests at
             # the next step, as the vLLM loop adds one whenever it steps with room.
-            full = exhausted or len(running) >= batch_size
+            full = intake.done or len(running) >= batch_size
             steps = min(left for left, _ in running.values()) if full else 1
             span = prefill + steps * model.step(len(running))
             next_time += span

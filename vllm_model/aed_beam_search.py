@@ -34,7 +34,7 @@ from fireredasr_converter import aed_spec, spec
 from .aed_reference import best_hypothesis
 from .decoding import AedDecoding
 from .engine import AED_ENGINE_SETTINGS  # noqa: F401  (importable from here, as before)
-from .engine import check_aed_beam_engine, clip_token_limit, decode, num_samples, request_errors
+from .engine import Intake, check_aed_beam_engine, clip_token_limit, decode, num_samples, request_errors
 from .transcript_formats import Transcript
 
 
@@ -95,16 +95,10 @@ def aed_batched_beam_search(
     first = torch.tensor([0.0] + [aed_spec.BEAM_FILL_SCORE] * (B - 1), dtype=torch.float32)
     # The most log-probabilities one request may ask for (also enough when it is the whole vocabulary).
     most = min(config.vocab_size, llm.llm_engine.model_config.max_logprobs)
-    pending = iter(clips)
+    intake = Intake(clips)
     running: list[_Clip] = []
-    exhausted = False
     while True:
-        while not exhausted and len(running) < max_in_flight:
-            pair = next(pending, None)
-            if pair is None:
-                exhausted = True
-                break
-            key, waveform = pair
+        for key, waveform in intake.take(lambda: len(running) < max_in_flight):
             waveform = np.asarray(waveform)
             limit = clip_token_limit(llm, num_samples(waveform), sampling_rate, decoding.max_new_tokens)
             running.append(_Clip(key, waveform, limit, [[sos] for _ in range(B)], first[:, None].clone(),

@@ -61,7 +61,7 @@ import numpy as np
 from fireredasr_converter import spec
 
 from .decoding import Decoding
-from .engine import clip_token_limit, decode, num_samples, request_errors, transcription_request
+from .engine import Intake, clip_token_limit, decode, num_samples, request_errors, transcription_request
 from .transcript_formats import Transcript
 
 Key = TypeVar("Key", bound=Hashable)
@@ -346,10 +346,9 @@ def batched_beam_search(
     eos_token_id = llm.get_tokenizer().convert_tokens_to_ids(spec.EOS_TOKEN)
     id_prefix = f"fireredasr-beam-{uuid.uuid4().hex[:8]}-"
     request_numbers = itertools.count()
-    pending_clips = iter(enumerate(clips))
+    intake = Intake(enumerate(clips))
     active: dict[int, _ActiveClip] = {}
     owner: dict[str, tuple[int, _Stream]] = {}  # running request id -> (clip number, its stream)
-    exhausted = False
 
     def start_stream(number: int, clip: _ActiveClip, beam: Beam) -> _Stream:
         """A request continuing `beam` (raises the engine's refusal)."""
@@ -406,12 +405,7 @@ def batched_beam_search(
 
     try:
         while True:
-            while not exhausted and len(active) < max_in_flight:
-                item = next(pending_clips, None)
-                if item is None:
-                    exhausted = True
-                    break
-                number, (key, waveform) = item
+            for number, (key, waveform) in intake.take(lambda: len(active) < max_in_flight):
                 try:
                     limit = clip_token_limit(llm, num_samples(waveform), sampling_rate, decoding.max_new_tokens)
                     search = ClipBeamSearch(

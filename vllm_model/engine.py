@@ -3,15 +3,16 @@
 The primitives both decoders (`offline`'s greedy streaming loop and
 `beam_search`) build on: the engine's settings (`engine_settings`,
 `create_engine`), a clip as a request (`transcription_request`,
-`greedy_params`, `clip_token_limit`), generated ids as text (`decode`) and
-what a request can be refused with. Decodes nothing itself.
+`greedy_params`, `clip_token_limit`), generated ids as text (`decode`),
+what a request can be refused with, and how the decoders keep their batch
+full from a lazy input (`Intake`). Decodes nothing itself.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -36,6 +37,29 @@ CPU_ENGINE_SETTINGS = {"enforce_eager": True, "gpu_memory_utilization": 0.2, "bl
 # What an engine needs for FireRedASR-AED's beam search (`aed_beam_search`): the step scores
 # after the temperature (= softmax_smoothing), i.e. the original's log_softmax(logits / smoothing).
 AED_ENGINE_SETTINGS = {"logprobs_mode": "processed_logprobs"}
+
+
+class Intake:
+    """The refill step of a continuous batch: items taken from an iterable only as room frees up.
+
+    `take(room)` yields the next items while `room()` holds (the caller adds each
+    one to its batch before asking again; one it refuses leaves the room free),
+    and `done` turns true when the iterable is spent. So a caller holds no more
+    than its batch of a long or endless input.
+    """
+
+    def __init__(self, items: Iterable):
+        self._items = iter(items)
+        self.done = False
+
+    def take(self, room: Callable[[], bool]) -> Iterator:
+        while not self.done and room():
+            try:
+                item = next(self._items)
+            except StopIteration:
+                self.done = True
+                return
+            yield item
 
 
 def request_errors() -> tuple[type[Exception], ...]:

@@ -28,6 +28,7 @@ from .decoding import GREEDY, AedDecoding, Decoding
 # The engine primitives are `engine`'s; these names are imported from here in the docs and by users.
 from .engine import (  # noqa: F401
     DEFAULT_MAX_MODEL_LEN,
+    Intake,
     aed_transcription_request,
     check_aed_decoding,
     check_penalty_processor,
@@ -106,17 +107,11 @@ def stream_transcriptions(
         return transcription_request(waveform, sampling_rate, prompt)
     # Unique per call: the engine may serve other callers' requests too.
     id_prefix = f"fireredasr-{uuid.uuid4().hex[:8]}-"
-    pending = iter(enumerate(clips))
+    intake = Intake(enumerate(clips))
     in_flight: dict[str, Key] = {}
-    exhausted = False
     try:
         while True:
-            while not exhausted and len(in_flight) < max_in_flight:
-                item = next(pending, None)
-                if item is None:
-                    exhausted = True
-                    break
-                number, pair = item
+            for number, pair in intake.take(lambda: len(in_flight) < max_in_flight):
                 key, waveform = _key_and_waveform(pair)
                 limit = clip_token_limit(llm, num_samples(waveform), sampling_rate, max_new_tokens)
                 request_id = f"{id_prefix}{number}"
