@@ -233,7 +233,8 @@ def pytest_collection_modifyitems(config, items):
 
     Stable: each ENGINE_FIXTURES group first, in which tests that also build engines
     of their own (`engines` among their arguments) run last, after the shared engine
-    served the rest; then the other tests, modules with slow tests (marker `slow`,
+    served the rest; tests on engines of their own only before the doc pages' group;
+    then the other tests, modules with slow tests (marker `slow`,
     `vllm` or `ray`) before the rest. Under pytest-xdist with `--dist loadgroup
     --no-loadscope-reorder` (`make test`) the tests on the shared engines go to one
     worker in this order (the doc pages to another, with engines of its own), every
@@ -250,9 +251,15 @@ def pytest_collection_modifyitems(config, items):
             group = item.nodeid.split("::", 1)[0]
         item.add_marker(pytest.mark.xdist_group(group))
 
+    # Tests on engines of their own only (`engines` alone): after the demo engine's tests, before
+    # the doc pages, so that a run without pytest-xdist does not end and restart an engine between them.
+    own_engines_only = ENGINE_FIXTURES.index("doc_inputs") - 0.5
+
     def rank(item):
         names = getattr(item, "fixturenames", ())
         engine_group = next((i for i, name in enumerate(ENGINE_FIXTURES) if name in names), None)
+        if engine_group is None and "engines" in names:
+            return (0, own_engines_only, True)
         if engine_group is None:
             return (1, item.nodeid.split("::", 1)[0] not in slow_modules, False)
         own_engine = "engines" in getattr(getattr(item, "_fixtureinfo", None), "argnames", ())
