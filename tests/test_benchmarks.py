@@ -67,30 +67,36 @@ def test_serve_benchmark_aed_scales_keep_aed_l_head_size_and_vocabulary(serve_be
         assert refused.exit_code == 2 and message in refused.output
 
 
+def run_serve_benchmark(serve_benchmark, *args: str):
+    """serve.py's command with its driver in this process (the script's start-up is seconds); each
+    backend still runs in a worker process of its own, as the script runs it."""
+    result = CliRunner().invoke(serve_benchmark.main, list(args))
+    assert result.exit_code == 0, result.output[-6000:] + repr(result.exception)
+    return result.output
+
+
 @pytest.mark.vllm
-def test_serve_benchmark_compares_all_three_backends(tmp_path):
+def test_serve_benchmark_compares_all_three_backends(serve_benchmark, tmp_path):
     # Exit 0 also means every backend generated exactly N tokens for every clip.
-    result = run_script(
-        "serve.py", "--scale", "tiny", "--clips", "3", "--latency-clips", "1", "--workdir", str(tmp_path)
+    output = run_serve_benchmark(
+        serve_benchmark, "--scale", "tiny", "--clips", "3", "--latency-clips", "1", "--workdir", str(tmp_path)
     )
-    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
-    lines = result.stdout.splitlines()
+    lines = output.splitlines()
     for backend in ("reference", "plugin", "stock"):
-        assert any(line.split()[:1] == [backend] for line in lines), result.stdout
+        assert any(line.split()[:1] == [backend] for line in lines), output
     assert any(line.startswith("plugin / reference utterances/s:") for line in lines)
     assert any(line.startswith("plugin vs stock:") for line in lines)
-    assert "3 clips" in result.stdout and "generated tokens (N per clip)" in result.stdout
+    assert "3 clips" in output and "generated tokens (N per clip)" in output
 
 
 @pytest.mark.vllm
 def test_serve_benchmark_recipe_mode_gives_the_reference_token_ids(serve_benchmark, tmp_path):
-    result = run_script(
-        "serve.py", "--scale", "tiny", "--clips", "3", "--latency-clips", "1", "--decoding", "recipe",
+    output = run_serve_benchmark(
+        serve_benchmark, "--scale", "tiny", "--clips", "3", "--latency-clips", "1", "--decoding", "recipe",
         "--backends", "reference,plugin", "--workdir", str(tmp_path),
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
-    assert "decoding: recipe" in result.stdout
-    assert "plugin: 3 of 3 clips give the reference's token ids" in result.stdout
+    assert "decoding: recipe" in output
+    assert "plugin: 3 of 3 clips give the reference's token ids" in output
     # Refused before anything is built (in this process: the script's own start-up is seconds).
     refused = CliRunner().invoke(serve_benchmark.main, ["--decoding", "recipe", "--backends", "reference,stock"])
     assert refused.exit_code == 2 and "drop stock" in refused.output
