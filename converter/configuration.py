@@ -62,6 +62,8 @@ class FireRedAsrEncoderConfig(PretrainedConfig):
             math.isfinite(layer_norm_eps) and 0 < layer_norm_eps < 1
         ):
             raise ValueError(f"encoder_config: layer_norm_eps is {str(layer_norm_eps)[:40]!r}, not a number in (0, 1)")
+        if d_model % n_head:
+            raise ValueError(f"encoder_config: d_model {d_model} is not divisible by n_head {n_head}")
         self.idim = idim
         self.n_layers = n_layers
         self.n_head = n_head
@@ -99,6 +101,11 @@ class FireRedAsrLlmConfig(PretrainedConfig):
             text_config = CONFIG_MAPPING[text_config.pop("model_type", "qwen2")](**text_config)
         elif text_config is None:
             text_config = CONFIG_MAPPING["qwen2"]()
+        vocab_size = getattr(text_config, "vocab_size", None)
+        if isinstance(vocab_size, int) and speech_token_id >= vocab_size:
+            raise ValueError(
+                f"config: speech_token_id {speech_token_id} must lie below the text model's vocab_size {vocab_size}"
+            )
         self.encoder_config = encoder_config
         self.text_config = text_config
         self.encoder_downsample_rate = encoder_downsample_rate

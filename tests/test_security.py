@@ -445,14 +445,27 @@ def test_a_repo_with_deeply_nested_json_is_one_line_for_the_transcriber(repo, tm
     assert len(error) == 1 and "cannot load" in error[0], result.output
 
 
-@pytest.mark.parametrize(("key", "value"), [("encoder_downsample_rate", "two"), ("encoder_downsample_rate", 0)])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("encoder_downsample_rate", "two"),
+        ("encoder_downsample_rate", 0),
+        # An id no embedding row holds; heads that do not split the width.
+        ("speech_token_id", 2**30),
+        ("encoder_config.n_head", 7),
+    ],
+)
 def test_a_repo_with_a_bad_size_in_its_config_is_one_line_for_the_transcriber(repo, tmp_path, key, value):
     config = json.loads((repo / "config.json").read_text())
-    config[key] = value
+    *parents, name = key.split(".")
+    section = config
+    for parent in parents:
+        section = section[parent]
+    section[name] = value
     (repo / "config.json").write_text(json.dumps(config))
     clip = tmp_path / "a.wav"
     sf.write(clip, synthetic_speech(16000, seed=1), 16000)
     result = CliRunner().invoke(transcribe_main, ["-m", str(repo), str(clip), "-q", "--backend", "reference"])
     assert result.exit_code == EXIT_NOTHING, result.output
     error = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(error) == 1 and key in error[0], result.output
+    assert len(error) == 1 and name in error[0], result.output
