@@ -20,9 +20,7 @@ reused.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -30,11 +28,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-
-def installed_vllm() -> tuple[Path, str]:
-    """The installed vLLM's package folder and version, found without importing it (seconds)."""
-    folder = Path(importlib.util.find_spec("vllm").origin).parent
-    return folder, runpy.run_path(str(folder / "_version.py"))["__version__"]
+from fireredasr_vllm.vllm_support import installed_vllm
 
 
 def download_wheel(version: str, folder: Path) -> Path:

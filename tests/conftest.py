@@ -4,9 +4,7 @@ real speech; the loaders tests read release pickles and safetensors files with."
 
 import argparse
 import ast
-import importlib.util
 import os
-import runpy
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from fireredasr_converter.pipeline import convert
 from fireredasr_vllm import demo
 from fireredasr_vllm.audio_input import load_audio
 from fireredasr_vllm.reference import ReferenceFireRedAsrLlm
+from fireredasr_vllm.vllm_support import installed_vllm
 
 # Clean espeak-ng readings of digit strings (voices the demo model did not train on),
 # trimmed to their first and last audible sample, made once with
@@ -60,8 +59,7 @@ def _check_the_expected_vllm() -> None:
     if not expected:
         return
     # Read, not imported: importing vLLM takes seconds, and the run's processes import it anyway.
-    folder = Path(importlib.util.find_spec("vllm").origin).parent
-    found = runpy.run_path(str(folder / "_version.py"))["__version__"]
+    folder, found = installed_vllm()
     if found != expected:
         raise pytest.UsageError(
             f"{EXPECTED_VLLM_VARIABLE}={expected} but vLLM {found} is found ({folder}): "

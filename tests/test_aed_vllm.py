@@ -21,13 +21,17 @@ from test_vllm_serve import REQUEST_TIMEOUT_S, decoded, served, transcribe, wav_
 from tolerances import aed_decoder_reduction_length, conformer_reduction_length, float32_atol
 
 from fireredasr_converter import spec
+from fireredasr_converter.configuration import FireRedAsrAedConfig
+from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
 from fireredasr_converter.fixtures import TINY_AED_SHAPES, build_aed_release, synthetic_speech
 from fireredasr_converter.pipeline import convert
 from fireredasr_vllm.aed_beam_search import aed_batched_beam_search, aed_beam_search
+from fireredasr_vllm.aed_model import FireRedAsrAedForConditionalGeneration as Aed
 from fireredasr_vllm.aed_model import encoder_frames
 from fireredasr_vllm.aed_reference import ReferenceFireRedAsrAed
 from fireredasr_vllm.decoding import AED_GREEDY, AED_RECIPE, AedDecoding
 from fireredasr_vllm.engine import AED_ENGINE_SETTINGS
+from fireredasr_vllm.model import SPLIT_ENERGY_WINDOW_S, SPLIT_SEARCH_SECONDS
 
 pytestmark = pytest.mark.vllm
 
@@ -213,11 +217,6 @@ def test_requests_it_cannot_take_are_refused(aed_llm, aed_reference, clips):
 def test_the_transcription_endpoint_cuts_and_joins_as_for_the_llm_model(aed_repo):
     # The same upload splitting (its window never below the model's shortest clip) and languages
     # as FireRedASR-LLM (model.speech_to_text_config, model.transcription_language); no engine.
-    from fireredasr_converter.configuration import FireRedAsrAedConfig
-    from fireredasr_converter.feature_extraction import FireRedAsrFeatureExtractor
-    from fireredasr_vllm.aed_model import FireRedAsrAedForConditionalGeneration as Aed
-    from fireredasr_vllm.model import SPLIT_ENERGY_WINDOW_S, SPLIT_SEARCH_SECONDS
-
     model_config = types.SimpleNamespace(
         model=str(aed_repo), revision=None, hf_config=FireRedAsrAedConfig.from_pretrained(aed_repo)
     )

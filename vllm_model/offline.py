@@ -28,7 +28,6 @@ from .decoding import GREEDY, AedDecoding, Decoding
 # The engine primitives are `engine`'s; these names are imported from here in the docs and by users.
 from .engine import (  # noqa: F401
     DEFAULT_MAX_MODEL_LEN,
-    Intake,
     aed_transcription_request,
     check_aed_decoding,
     check_penalty_processor,
@@ -43,6 +42,7 @@ from .engine import (  # noqa: F401
     shutdown_engine,
     transcription_request,
 )
+from .engine import Intake
 from .transcript_formats import Transcript
 
 # Requests the streaming loop keeps in the engine at once: enough for vLLM to batch

@@ -13,7 +13,10 @@ would stop models that have nothing to do with this one.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import runpy
+from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
 
@@ -43,6 +46,12 @@ def is_tested(version: str) -> bool:
         return False
     low, high = TESTED_MINORS
     return low <= tuple(release[:2]) <= high
+
+
+def installed_vllm() -> tuple[Path, str]:
+    """The vLLM package found on the path: its folder and version, read without importing it (seconds)."""
+    folder = Path(importlib.util.find_spec("vllm").origin).parent
+    return folder, runpy.run_path(str(folder / "_version.py"))["__version__"]
 
 
 def untested_notice(version: str) -> str | None:
